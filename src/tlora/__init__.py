@@ -6,13 +6,15 @@
 """
 from .config import TLoRAConfig
 from .layers import TLoRAAdapter
-from .masking import timestep_mask
+from .masking import AttachHandle, attach, timestep_mask
 from .network import TLoRANetwork, inject
 from .schedule import RankSchedule, active_rank, active_ranks, rank_mask
+from .weights import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TLoRAConfig", "TLoRAAdapter", "TLoRANetwork", "RankSchedule",
-    "active_rank", "active_ranks", "rank_mask", "inject", "timestep_mask",
+    "active_rank", "active_ranks", "rank_mask", "inject", "timestep_mask", "attach", "AttachHandle",
+    "save", "load",
 ]

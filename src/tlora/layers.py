@@ -41,7 +41,7 @@ class TLoRAAdapter(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: Optional[float] = None, variant: str = "ortho",
                  init: str = "random", sig_type: str = "last", min_rank: int = 1, exponent: float = 1.0,
                  num_train_timesteps: int = 1000, multiplier: float = 1.0,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, init_weights: bool = True):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"T-LoRA wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
@@ -61,17 +61,24 @@ class TLoRAAdapter(nn.Module):
         self.is_conv = isinstance(base, nn.Conv2d)
         object.__setattr__(self, "_base", base)  # a reference, not a child: the base owns the adapter
 
-        w = base.weight
+        w = base.weight.detach()
         out_f = w.shape[0]
         down_shape = (rank, *w.shape[1:])                     # (R, in) or (R, in, kh, kw)
         up_shape = (out_f, rank) + ((1, 1) if self.is_conv else ())
         dev = w.device
         if variant == "vanilla":
-            down = torch.randn(down_shape, generator=generator, device=dev) / rank  # N(0, 1/rank) as official
+            down = (torch.randn(down_shape, generator=generator, device=dev) / rank if init_weights  # N(0, 1/rank)
+                    else torch.zeros(down_shape, device=dev))
             self.lora_down = nn.Parameter(down)
             self.lora_up = nn.Parameter(torch.zeros(up_shape, device=dev))
         else:
-            q, p, lam = Fn.svd_init(w.reshape(out_f, -1), rank, sig_type, generator, from_weight=(init == "weight"))
+            if init_weights:
+                q, p, lam = Fn.svd_init(w.reshape(out_f, -1), rank, sig_type, generator, from_weight=(init == "weight"))
+            else:  # about to be loaded from a file: skip the SVD
+                if rank > min(out_f, w[0].numel()):
+                    raise ValueError(f"ortho rank {rank} exceeds min(out, in) = {min(out_f, w[0].numel())} of the layer")
+                q, p, lam = (torch.zeros(rank, w[0].numel(), device=dev), torch.zeros(out_f, rank, device=dev),
+                             torch.zeros(rank, device=dev))
             self.q = nn.Parameter(q.reshape(down_shape).clone())
             self.p = nn.Parameter(p.reshape(up_shape).clone())
             self.lam = nn.Parameter(lam.clone())

@@ -25,6 +25,8 @@ class TLoRANetwork:
 
     def __init__(self, model: nn.Module, config: TLoRAConfig, adapters: Dict[str, TLoRAAdapter]):
         self.model, self.config, self.adapters = model, config, adapters
+        self.family: Optional[str] = None      # set by tlora.attach / training; saved in the file header
+        self.header: Optional[dict] = None     # the file header, when loaded from a file
 
     # -- parameters ----------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:

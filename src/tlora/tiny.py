@@ -1,0 +1,127 @@
+"""Tiny, randomly initialised diffusers pipelines built offline from configs.
+
+They run a full stock pipeline call in well under a second on a CPU. The demo and the tests use them in
+place of real checkpoints, which this project never downloads; every loader in tlora is the same
+``from_pretrained`` that real models go through (save a tiny pipeline, load it by path).
+
+    pipe = build_pipeline("sdxl")                 # sd15 | sdxl | sd3 | flux
+    denoiser = build_denoiser("flux2")            # Flux.2 (Klein) transformer only
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+
+
+def clip_tokenizer():
+    """A character-level CLIP BPE tokenizer (no merges: each character is one token)."""
+    from transformers import CLIPTokenizer
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def t5_tokenizer():
+    from transformers import T5TokenizerFast
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
+    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def clip_text(vocab_size, hidden=32, projection=None, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=projection or hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def t5_text(vocab_size, d_model=32, seed=0):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(cfg).eval()
+
+
+def vae(latent_channels=4, **kw):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
+                         norm_num_groups=4, sample_size=32, **kw).eval()
+
+
+def unet(sdxl=False, cross_attention_dim=32):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    extra = {}
+    if sdxl:
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 1))
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra).eval()
+
+
+def build_denoiser(family: str):
+    """The denoiser alone (the Flux.2 transformer has no tiny text encoder here)."""
+    torch.manual_seed(0)
+    if family == "flux2":
+        from diffusers import Flux2Transformer2DModel
+        return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                       guidance_embeds=False).eval()
+    return getattr(build_pipeline(family), "unet", None) or build_pipeline(family).transformer
+
+
+def build_pipeline(family: str = "sd15"):
+    """A complete stock diffusers pipeline with random weights; images are 32×32."""
+    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                           FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    tok = clip_tokenizer()
+    n = len(tok)
+    if family == "sd15":
+        sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1)
+        return StableDiffusionPipeline(vae=vae(), text_encoder=clip_text(n), tokenizer=tok, unet=unet(),
+                                       scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if family == "sdxl":
+        sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                       beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+                                       steps_offset=1)
+        return StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text(n, 16), text_encoder_2=clip_text(n, 16, 32, 1),
+                                         tokenizer=tok, tokenizer_2=clip_tokenizer(), unet=unet(sdxl=True),
+                                         scheduler=sched, force_zeros_for_empty_prompt=True)
+    if family == "sd3":
+        torch.manual_seed(0)
+        tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                   pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+        return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=vae(shift_factor=0.0609, scaling_factor=1.5035),
+                                        text_encoder=clip_text(n, 16, 16), tokenizer=tok,
+                                        text_encoder_2=clip_text(n, 16, 16, 1), tokenizer_2=clip_tokenizer(),
+                                        text_encoder_3=t5_text(len(t5_tokenizer())), tokenizer_3=t5_tokenizer())
+    if family == "flux":
+        torch.manual_seed(0)
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+        t5tok = t5_tokenizer()
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.1159, scaling_factor=0.3611),
+                            text_encoder=clip_text(n), tokenizer=tok, text_encoder_2=t5_text(len(t5tok)),
+                            tokenizer_2=t5tok, transformer=tr)
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")

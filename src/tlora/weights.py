@@ -1,0 +1,187 @@
+"""The native weights file: safetensors holding every tensor needed for an exact reload, and a JSON
+header that describes the adapter completely, so nothing has to be retyped at inference.
+
+Tensors: ``<module path>.<lora_down | lora_up | q | p | lam | q0 | p0 | lam0>`` (float32). The frozen
+ortho tensors Q0, P0, λ0 are stored, never re-derived.
+
+Header metadata (safetensors ``__metadata__``, all strings):
+
+* ``tlora``: JSON — ``format`` ("tlora"), ``format_version``, ``variant`` (or "mixed"),
+  ``num_train_timesteps``, ``family`` and ``timestep_convention`` (when known), ``config`` (the
+  TLoRAConfig), ``modules`` (path → variant, rank, alpha, min_rank, exponent, init, sig_type, kind,
+  base_shape), ``base_model``, ``base_fingerprint`` (sha256 of the targeted base weights' paths and
+  shapes), ``training`` (free-form).
+* ``tlora_sha256``: sha256 over the ``tlora`` JSON and every tensor's name, dtype, shape and bytes, so a
+  flipped byte anywhere is reported instead of silently loaded.
+
+Nothing is ever unpickled: safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import TLoRAConfig
+from .families import FAMILIES
+from .layers import TLoRAAdapter
+from .network import TLoRANetwork
+
+FORMAT = "tlora"
+FORMAT_VERSION = 1
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used, with one line saying why."""
+
+
+def module_spec(a: TLoRAAdapter) -> dict:
+    s = a.schedule
+    return dict(variant=a.variant, rank=a.rank, alpha=a.alpha, min_rank=s.min_rank, exponent=s.alpha,
+                init=a.init, sig_type=a.sig_type, kind="conv2d" if a.is_conv else "linear",
+                base_shape=list(a.base_layer.weight.shape))
+
+
+def fingerprint(shapes: Dict[str, list]) -> str:
+    """sha256 of the sorted (module path, base weight shape) pairs."""
+    text = json.dumps(sorted((k, list(v)) for k, v in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checksum(header_json: str, tensors: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(header_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_save_file(tensors: Dict[str, torch.Tensor], path: os.PathLike, metadata: Dict[str, str]) -> None:
+    """safetensors ``save_file`` to a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def header_of(network: TLoRANetwork, metadata: Optional[dict] = None) -> dict:
+    specs = {p: module_spec(a) for p, a in network.adapters.items()}
+    variants = {s["variant"] for s in specs.values()}
+    meta = dict(metadata or {})
+    family = meta.pop("family", network.family)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "variant": variants.pop() if len(variants) == 1 else "mixed",
+        "num_train_timesteps": network.config.num_train_timesteps,
+        "family": family,
+        "timestep_convention": FAMILIES[family].timestep_convention if family in FAMILIES else None,
+        "base_model": meta.pop("base_model", None),
+        "config": network.config.to_dict(),
+        "base_fingerprint": fingerprint({p: s["base_shape"] for p, s in specs.items()}),
+        "modules": specs,
+        "training": meta.pop("training", {}) | meta,
+    }
+
+
+def save(network: TLoRANetwork, path: os.PathLike, metadata: Optional[dict] = None) -> Path:
+    """Write ``network`` to ``path`` (safetensors, atomically). ``metadata`` may give ``base_model``,
+    ``family`` and ``training``; other keys go into ``training``."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
+    header = json.dumps(header_of(network, metadata), sort_keys=True)
+    atomic_save_file(tensors, path, {"tlora": header, "tlora_sha256": _checksum(header, tensors), "format": "pt"})
+    return Path(path)
+
+
+def read(path: os.PathLike, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, raw metadata) of any safetensors file, with one-line errors for unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if verify and "tlora_sha256" in meta and _checksum(meta.get("tlora", ""), tensors) != meta["tlora_sha256"]:
+        raise WeightsFileError(f"{path} is corrupted: its checksum does not match its contents")
+    return tensors, meta
+
+
+def read_header(path: os.PathLike) -> dict:
+    """The ``tlora`` JSON header of a native file."""
+    _, meta = read(path)
+    return parse_header(meta, path)
+
+
+def parse_header(meta: Dict[str, str], path: Any = "file") -> dict:
+    if "tlora" not in meta:
+        raise WeightsFileError(f"{path} is not a tlora weights file (no 'tlora' header); "
+                               "use `tlora convert` for LyCORIS, official or LoRA files")
+    try:
+        header = json.loads(meta["tlora"])
+    except json.JSONDecodeError:
+        raise WeightsFileError(f"{path} has a corrupted 'tlora' header (invalid JSON)") from None
+    if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
+        raise WeightsFileError(f"{path}: unsupported format {header.get('format')!r} "
+                               f"version {header.get('format_version')!r}; upgrade tlora")
+    return header
+
+
+def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig, source: str = "file"
+                  ) -> TLoRANetwork:
+    """Adapters exactly as ``specs`` describe them (path → module_spec), uninitialised, then checked
+    against the model. Raises WeightsFileError naming what does not fit."""
+    modules = dict(model.named_modules())
+    missing = [p for p in specs if p not in modules]
+    if missing:
+        raise WeightsFileError(f"{source} targets {len(missing)} of {len(specs)} modules that this "
+                               f"{type(model).__name__} does not have (first: {missing[0]}): wrong base model?")
+    for p, s in specs.items():
+        have = list(getattr(modules[p], "weight", torch.empty(0)).shape)
+        if have != list(s["base_shape"]):
+            raise WeightsFileError(f"{source}: module {p} has weight shape {have} here but "
+                                   f"{s['base_shape']} in the file: wrong base model?")
+    adapters = {}
+    try:
+        for p, s in specs.items():
+            kw = {k: s[k] for k in ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type")}
+            adapters[p] = TLoRAAdapter(modules[p], num_train_timesteps=config.num_train_timesteps,
+                                       multiplier=config.multiplier, init_weights=False, **kw)
+    except Exception:
+        for a in adapters.values():
+            a.detach_from_base()
+        raise
+    return TLoRANetwork(model, config, adapters)
+
+
+def load(path: os.PathLike, model: nn.Module) -> TLoRANetwork:
+    """Inject the adapters of a native file into ``model`` and load its tensors exactly."""
+    tensors, meta = read(path)
+    header = parse_header(meta, path)
+    config = TLoRAConfig.from_dict(header["config"])
+    net = build_network(model, header["modules"], config, source=str(path))
+    try:
+        net.load_state_dict(tensors)
+    except ValueError as e:
+        net.remove()
+        raise WeightsFileError(f"{path}: {e}") from None
+    net.family = header.get("family")
+    net.header = header
+    return net
