@@ -65,8 +65,6 @@ class TLoRAConfig:
             raise ValueError(f"multiplier must be a finite number, got {self.multiplier!r}")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps <= 0:
             raise ValueError(f"num_train_timesteps must be an int > 0, got {self.num_train_timesteps!r}")
-        if not self.target_module and not self.target_name and not self.module_algo_map:
-            raise ValueError("target_module and target_name are both empty: nothing to inject into")
         for key, over in self.module_algo_map.items():
             bad = set(over) - OVERRIDE_KEYS
             if bad:

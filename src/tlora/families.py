@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 
@@ -67,3 +68,74 @@ def denoiser_of(pipe) -> nn.Module:
         if isinstance(m, nn.Module):
             return m
     raise ValueError(f"{type(pipe).__name__} has no 'unet' or 'transformer' to attach T-LoRA to")
+
+
+# -- training-time differences: text conditioning, the denoiser call, latent packing --------------------
+# Each family's pipeline encodes its own prompts (``pipe.encode_prompt``), so nothing of the text stack is
+# re-implemented here. Conditioning is a dict of tensors with a batch dimension, except keys in SHARED.
+SHARED = ("txt_ids",)
+
+
+def _encode_sd15(pipe, prompts, device):
+    pe, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return {"encoder_hidden_states": pe}
+
+
+def _encode_sdxl(pipe, prompts, device):
+    pe, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": pe, "text_embeds": pooled}
+
+
+def _encode_sd3(pipe, prompts, device):
+    pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": pe, "pooled_projections": pooled}
+
+
+def _encode_flux(pipe, prompts, device):
+    pe, pooled, txt_ids = pipe.encode_prompt(prompts, prompts, device=device, num_images_per_prompt=1)
+    return {"encoder_hidden_states": pe, "pooled_projections": pooled, "txt_ids": txt_ids}
+
+
+def _call_unet(den, x, t, cond):
+    added = None
+    if "text_embeds" in cond:  # SDXL: pooled text + (orig size, crop, target size) of a centre-cropped square
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+    return den(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+
+def _call_sd3(den, x, t, cond):
+    return den(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+               pooled_projections=cond["pooled_projections"]).sample
+
+
+def _pack_flux(x):
+    """(B, C, H, W) latents → (B, H/2·W/2, 4C) tokens, as FluxPipeline packs them."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _call_flux(den, x, t, cond):
+    from diffusers import FluxPipeline
+    b, c, h, w = x.shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    guidance = (torch.full((b,), 1.0, device=x.device, dtype=torch.float32)
+                if getattr(den.config, "guidance_embeds", False) else None)
+    return den(hidden_states=_pack_flux(x), timestep=t, guidance=guidance,
+               pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+               txt_ids=cond["txt_ids"], img_ids=img_ids).sample
+
+
+def _identity(x):
+    return x
+
+
+TRAINING = {  # family → (encode prompts, call the denoiser, bring a latent-shaped target to its output layout)
+    "sd15": (_encode_sd15, _call_unet, _identity),
+    "sdxl": (_encode_sdxl, _call_unet, _identity),
+    "sd3": (_encode_sd3, _call_sd3, _identity),
+    "flux": (_encode_flux, _call_flux, _pack_flux),
+}

@@ -1,0 +1,75 @@
+"""Training images: a folder of images with optional same-name ``.txt`` captions.
+
+Images are centre-cropped to a square and resized to the training resolution; every image is opened
+and decoded before anything is written, so a bad file stops the run before it starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .errors import UsageError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Example:
+    path: Path
+    caption: str
+    pixels: torch.Tensor       # (3, H, W) float32 in [-1, 1]
+
+
+def find_images(data_dir: str, one_image: Optional[str] = None) -> List[Path]:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UsageError(f"data dir not found: {data_dir}")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if one_image:
+        files = [p for p in files if p.name == one_image]
+        if not files:
+            raise UsageError(f"one_image {one_image!r} is not an image in {data_dir}")
+    if not files:
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {data_dir}")
+    return files
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """Centre crop to a square, resize to ``resolution``; (3, res, res) float32 in [-1, 1]."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:
+        raise UsageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_examples(data_dir: str, resolution: int, prompt: str, one_image: Optional[str] = None) -> List[Example]:
+    """Every image of ``data_dir`` (or just ``one_image``), with its ``.txt`` caption or ``prompt``."""
+    out = []
+    for p in find_images(data_dir, one_image):
+        txt = p.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        out.append(Example(p, caption or prompt, load_image(p, resolution)))
+    return out
+
+
+def batch_indices(step: int, micro: int, accum: int, batch: int, n: int, seed: int) -> List[int]:
+    """Data order as a pure function of the position, so a resumed run continues exactly: epoch e visits
+    the examples in the permutation drawn from seed + e."""
+    out = []
+    for b in range(batch):
+        pos = (step * accum + micro) * batch + b
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[i]))
+    return out

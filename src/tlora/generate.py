@@ -1,0 +1,194 @@
+"""``tlora generate``: images from a stock diffusers pipeline with a T-LoRA attached and masked.
+
+The pipeline is whatever diffusers' auto pipeline loads for the model; nothing of it is replaced. The
+per-step mask comes from the weights file's own header (rank, min_rank, exponent, T).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerateSettings:
+    model: str
+    weights: Optional[str]
+    prompts: List[str]
+    out: str
+    negative_prompt: Optional[str] = None
+    num_images: int = 1
+    steps: int = 25                      # official inference: 25 steps
+    guidance: Optional[float] = None     # None → the family's default (SDXL 5.0, Flux 3.5, ...)
+    seed: int = 0
+    multiplier: float = 1.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    mask: bool = True
+    seeds: List[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            raise UsageError("no prompt given: pass --prompt TEXT or a non-empty --prompts-file")
+        for name in ("num_images", "steps"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise UsageError(f"--{name} must be a positive multiple of 8, got {v}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise UsageError(f"weights file not found: {self.weights}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
+
+
+def read_prompts_file(path: str) -> List[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompts file is empty: {path}")
+    return prompts
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline)."""
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+    local = Path(model)
+    if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise UsageError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    import diffusers
+    from packaging.version import Version
+    # diffusers 0.36 renamed torch_dtype to dtype
+    dkw = {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
+    try:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(model, **dkw)
+        except ValueError as e:   # a pipeline class the auto pipeline has no mapping for
+            if "AutoPipeline can't find" not in str(e) and "not supported" not in str(e):
+                raise
+            pipe = DiffusionPipeline.from_pretrained(model, **dkw)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot load model {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def save_png(image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def contact_sheet(images: list, cols: int):
+    """Images (PIL, same size) in a grid of ``cols`` columns."""
+    from PIL import Image
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def write_json(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: int, guidance: float,
+                  negative_prompt: Optional[str] = None, height: Optional[int] = None,
+                  width: Optional[int] = None, progress: bool = True):
+    """[(prompt, seed, PIL image)]: image j of every prompt uses seed + j, so prompts are comparable."""
+    import inspect
+
+    from tqdm.auto import tqdm
+    accepts = set(inspect.signature(pipe.__call__).parameters)
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance)
+    if negative_prompt and "negative_prompt" in accepts:
+        kw["negative_prompt"] = negative_prompt
+    if height:
+        kw["height"] = height
+    if width:
+        kw["width"] = width
+    out = []
+    bar = tqdm(total=len(prompts) * num_images, desc="images", unit="img", disable=not progress)
+    for prompt in prompts:
+        for j in range(num_images):
+            g = torch.Generator(device="cpu").manual_seed(seed + j)
+            image = pipe(prompt=prompt, generator=g, **kw).images[0]
+            out.append((prompt, seed + j, image))
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def run_generate(s: GenerateSettings) -> Path:
+    """Validate, load, attach, generate; writes PNGs, grid.png and generate.json into ``s.out``."""
+    from .families import denoiser_of, detect
+    from .masking import attach
+    from .weights import WeightsFileError, read_header
+
+    s.validate()
+    header = None
+    if s.weights:
+        try:
+            header = read_header(s.weights)
+        except WeightsFileError as e:
+            raise UsageError(str(e)) from None
+    pipe = load_pipeline(s.model, DTYPES[s.dtype], s.device)
+    family = detect(denoiser_of(pipe))
+    guidance = s.guidance if s.guidance is not None else family.guidance
+    handle = None
+    if s.weights:
+        try:
+            handle = attach(pipe, s.weights, multiplier=s.multiplier, mask=s.mask)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = sample_images(pipe, s.prompts, s.num_images, s.seed, s.steps, guidance, s.negative_prompt,
+                                s.height, s.width)
+    finally:
+        if handle is not None:
+            handle.detach()
+    files = []
+    for i, (prompt, seed, image) in enumerate(results):
+        name = f"{i:04d}-seed{seed}.png"
+        save_png(image, out / name)
+        files.append({"file": name, "prompt": prompt, "seed": seed})
+    save_png(contact_sheet([r[2] for r in results], cols=s.num_images), out / "grid.png")
+    record = asdict(s) | {"guidance": guidance, "family": family.name, "images": files,
+                          "seeds": sorted({f["seed"] for f in files}),
+                          "schedule": None if header is None else {
+                              k: header["config"][k] for k in ("rank", "min_rank", "exponent", "num_train_timesteps")}}
+    write_json(record, out / "generate.json")
+    return out

@@ -1,0 +1,309 @@
+"""Training configuration: one typed, validated dataclass, read from three sources unchanged.
+
+* our JSON (``tlora train --config run.json [--set key=value ...]``): keys are the TrainConfig fields,
+  T-LoRA settings nested under ``"tlora"`` (``--set tlora.rank=16``); unknown keys are an error that
+  suggests the right name;
+* SimpleTuner's ``config.json`` (``model_type: lora``, ``lora_type: lycoris``, ``lycoris_config: PATH``
+  pointing at a LyCORIS ``algo: tlora`` JSON); keys tlora does not use are listed in a warning;
+* the official repository's command line (``--pretrained_model_name_or_path=... --trainer_type=ortho_lora``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, List, Optional
+
+from .config import TLoRAConfig, unknown_keys_error
+from .errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""                              # diffusers pipeline folder or hub id
+    data_dir: str = ""                           # images (+ optional same-name .txt captions)
+    output_dir: str = "tlora-output"
+    placeholder: str = "sks"
+    class_name: str = ""
+    prompt_template: str = "a photo of {placeholder} {class_name}"
+    one_image: Optional[str] = None              # train on this file of data_dir only
+    resolution: Optional[int] = None             # None → the family's native resolution
+    max_steps: int = 800                         # official recipe: 800
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4                  # official: AdamW lr 1e-4, weight decay 1e-4
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optimizer: str = "adamw"                     # adamw | adamw8bit (needs bitsandbytes)
+    lr_scheduler: str = "constant"               # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    mixed_precision: str = "no"                  # no | bf16 | fp16 (adapters stay float32)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    prediction_type: Optional[str] = None        # DDPM families: epsilon | v_prediction; None → scheduler's
+    ortho_reg_weight: float = 0.0                # × ‖PᵀP − I‖² + ‖QQᵀ − I‖² (ortho adapters)
+    class_data_dir: Optional[str] = None         # prior preservation images ("a photo of {class_name}")
+    prior_loss_weight: float = 1.0
+    validation_prompts: List[str] = field(default_factory=list)   # "{0}" → "placeholder class_name"
+    validation_steps: int = 100                  # every N steps (0: only at the end)
+    num_validation_images: int = 1
+    validation_inference_steps: int = 25
+    validation_guidance: Optional[float] = None  # None → the family's default
+    validation_multiplier: float = 1.0
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: Optional[int] = 3   # keep the last K checkpoints
+    resume: Optional[str] = None                 # latest | path to a checkpoint-N folder
+    device: Optional[str] = None                 # None → accelerate's choice
+    tlora: TLoRAConfig = field(default_factory=lambda: TLoRAConfig(target_module=()))
+
+    def validate(self) -> None:
+        """Everything that can be checked without touching the disk or the model."""
+        if not self.model:
+            raise UsageError("no model given: set 'model' (a diffusers pipeline folder or hub id)")
+        if not self.data_dir:
+            raise UsageError("no data dir given: set 'data_dir' to a folder of images")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise UsageError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_validation_images",
+                     "validation_inference_steps", "checkpointing_steps"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.validation_steps < 0:
+            raise UsageError(f"validation_steps must be >= 0, got {self.validation_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UsageError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise UsageError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise UsageError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise UsageError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.ortho_reg_weight < 0:
+            raise UsageError(f"ortho_reg_weight must be >= 0, got {self.ortho_reg_weight}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tlora"] = self.tlora.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise UsageError(str(unknown_keys_error("train config", bad, known)))
+        d = dict(d)
+        try:
+            if "tlora" in d:
+                t = d["tlora"]
+                d["tlora"] = t if isinstance(t, TLoRAConfig) else TLoRAConfig.from_dict({"target_module": (), **t})
+            for k in ("validation_prompts",):
+                if isinstance(d.get(k), str):
+                    d[k] = [d[k]]
+            cfg = cls(**d)
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        _check_types(cfg)
+        return cfg
+
+    def prompt(self) -> str:
+        return self.prompt_template.format(placeholder=self.placeholder, class_name=self.class_name).replace("  ", " ").strip()
+
+    def resolved_validation_prompts(self) -> List[str]:
+        """'{0}' → 'placeholder class_name' (the official convention)."""
+        subject = f"{self.placeholder} {self.class_name}".strip()
+        return [p.replace("{0}", subject) for p in self.validation_prompts] or [self.prompt()]
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        t = str(f.type)
+        if v is None:
+            if not t.startswith("Optional"):
+                raise UsageError(f"{f.name} must not be null")
+            continue
+        want = ("int" if "int" in t else "float" if "float" in t else "bool" if "bool" in t
+                else "str" if "str" in t and "List" not in t else None)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": isinstance(v, bool), "str": isinstance(v, str), None: True}[want]
+        if not ok:
+            raise UsageError(f"{f.name} must be {want}, got {v!r}")
+
+
+def parse_value(text: str) -> Any:
+    """--set values: JSON when it parses (numbers, true/false/null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(d: dict, sets: List[str]) -> dict:
+    d = json.loads(json.dumps(d))
+    for item in sets:
+        if "=" not in item:
+            raise UsageError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return d
+
+
+def _read_json(path: str, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} not found: {path}")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object")
+    return d
+
+
+# -- SimpleTuner ------------------------------------------------------------------------------------------
+SIMPLETUNER_KEYS = {
+    "pretrained_model_name_or_path": "model", "output_dir": "output_dir", "instance_data_dir": "data_dir",
+    "learning_rate": "learning_rate", "max_train_steps": "max_steps", "train_batch_size": "batch_size",
+    "resolution": "resolution", "validation_steps": "validation_steps", "seed": "seed",
+    "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "lr_scheduler": "lr_scheduler",
+    "lr_warmup_steps": "lr_warmup_steps", "checkpointing_steps": "checkpointing_steps",
+    "checkpoints_total_limit": "checkpoints_total_limit", "validation_num_inference_steps": "validation_inference_steps",
+    "validation_guidance": "validation_guidance", "validation_lycoris_strength": "validation_multiplier",
+    "num_validation_images": "num_validation_images", "max_grad_norm": "max_grad_norm",
+    "adam_weight_decay": "weight_decay", "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2",
+    "adam_epsilon": "adam_epsilon", "prediction_type": "prediction_type", "resume_from_checkpoint": "resume",
+}
+SIMPLETUNER_HANDLED = {"model_type", "lora_type", "lycoris_config", "validation_prompt", "validation_prompts",
+                       "data_backend_config", "num_train_epochs", "optimizer", "use_8bit_adam", "model_family",
+                       "instance_prompt", "user_prompt_library", "validation_resolution"}
+
+
+def is_simpletuner(d: dict) -> bool:
+    keys = {k.lstrip("-") for k in d}
+    return bool(keys & {"model_type", "lora_type", "lycoris_config", "pretrained_model_name_or_path", "model_family"})
+
+
+def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
+    d = {k.lstrip("-"): v for k, v in raw.items()}
+    if d.get("model_type", "lora") != "lora":
+        raise UsageError(f"SimpleTuner model_type {d['model_type']!r} is not supported: tlora trains model_type 'lora'")
+    if d.get("lora_type", "lycoris") != "lycoris":
+        raise UsageError(f"SimpleTuner lora_type {d['lora_type']!r} is not supported: use lora_type 'lycoris' "
+                         "with a LyCORIS config of algo 'tlora'")
+    if "lycoris_config" not in d:
+        raise UsageError("SimpleTuner config has no 'lycoris_config': point it at a LyCORIS JSON with algo 'tlora'")
+    lyc_path = _resolve(d["lycoris_config"], base_dir)
+    try:
+        tl = TLoRAConfig.from_lycoris(_read_json(str(lyc_path), "lycoris_config"))
+    except ValueError as e:
+        raise UsageError(f"{lyc_path}: {e}") from None
+    out: dict = {"tlora": tl}
+    for k, v in d.items():
+        if k in SIMPLETUNER_KEYS:
+            out[SIMPLETUNER_KEYS[k]] = v
+    if isinstance(out.get("resolution"), float):
+        out["resolution"] = int(out["resolution"])
+    if "validation_prompts" in d or "validation_prompt" in d:
+        vp = d.get("validation_prompts", d.get("validation_prompt"))
+        out["validation_prompts"] = [vp] if isinstance(vp, str) else list(vp)
+    if "data_dir" not in out and "data_backend_config" in d:
+        out["data_dir"] = _data_dir_from_backend(_resolve(d["data_backend_config"], base_dir), base_dir)
+    if "instance_prompt" in d:
+        out["prompt_template"] = d["instance_prompt"]
+    if d.get("use_8bit_adam") or "8bit" in str(d.get("optimizer", "")):
+        out["optimizer"] = "adamw8bit"
+    if out.get("mixed_precision") == "no" or out.get("mixed_precision") is None:
+        out["mixed_precision"] = "no"
+    if "max_steps" not in out and "num_train_epochs" in d:
+        out["max_steps"] = int(d["num_train_epochs"])
+    ignored = sorted(set(d) - set(SIMPLETUNER_KEYS) - SIMPLETUNER_HANDLED)
+    if ignored:
+        warnings.warn(f"SimpleTuner keys tlora does not use: {', '.join(ignored)}", stacklevel=2)
+    for k in ("data_dir", "model"):
+        if k in out and isinstance(out[k], str) and not Path(out[k]).is_absolute() and (base_dir / out[k]).exists():
+            out[k] = str(base_dir / out[k])
+    return TrainConfig.from_dict(out)
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else base_dir / p
+
+
+def _data_dir_from_backend(path: Path, base_dir: Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"data_backend_config not found: {path}")
+    backends = json.loads(path.read_text())
+    for b in backends if isinstance(backends, list) else [backends]:
+        if isinstance(b, dict) and b.get("instance_data_dir") and b.get("dataset_type", "image") == "image":
+            return str(_resolve(b["instance_data_dir"], base_dir))
+    raise UsageError(f"{path} has no image backend with an instance_data_dir")
+
+
+# -- the official repository's flags ------------------------------------------------------------------------
+OFFICIAL_FLAGS = {
+    "pretrained_model_name_or_path": str, "train_data_dir": str, "output_dir": str, "mixed_precision": str,
+    "trainer_type": str, "trainer_class": str, "num_train_epochs": int, "checkpointing_steps": int,
+    "resolution": int, "validation_prompts": str, "num_val_imgs_per_prompt": int, "placeholder_token": str,
+    "class_name": str, "seed": int, "lora_rank": int, "min_rank": int, "alpha_rank_scale": float,
+    "sig_type": str, "one_image": str, "wandb_api_key": str, "learning_rate": float, "train_batch_size": int,
+}
+
+
+def from_official(a: dict) -> TrainConfig:
+    """The official ``train.py`` flags (``trainer_class`` sdxl_tlora|sdxl_lora, '#'-separated prompts)."""
+    trainer_class = a.get("trainer_class") or "sdxl_tlora"
+    if trainer_class not in ("sdxl_tlora", "sdxl_lora"):
+        raise UsageError(f"--trainer_class must be sdxl_tlora or sdxl_lora, got {trainer_class!r}")
+    rank = a.get("lora_rank") or 64
+    # sdxl_lora is the official plain-LoRA baseline: all ranks at every step (min_rank = rank)
+    min_rank = rank if trainer_class == "sdxl_lora" else (a.get("min_rank") or 32)
+    try:
+        tl = TLoRAConfig.from_official(a.get("trainer_type") or "ortho_lora", rank, min_rank,
+                                       a.get("alpha_rank_scale") or 1.0, a.get("sig_type") or "last")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    d: dict = {"tlora": tl, "model": a.get("pretrained_model_name_or_path") or "",
+               "data_dir": a.get("train_data_dir") or "", "max_steps": a.get("num_train_epochs") or 800}
+    simple = {"output_dir": "output_dir", "mixed_precision": "mixed_precision", "checkpointing_steps": "checkpointing_steps",
+              "resolution": "resolution", "num_val_imgs_per_prompt": "num_validation_images",
+              "placeholder_token": "placeholder", "class_name": "class_name", "seed": "seed",
+              "one_image": "one_image", "learning_rate": "learning_rate", "train_batch_size": "batch_size"}
+    for k, v in simple.items():
+        if a.get(k) is not None:
+            d[v] = a[k]
+    if a.get("validation_prompts"):
+        d["validation_prompts"] = [p.strip() for p in a["validation_prompts"].split("#") if p.strip()]
+    if a.get("checkpointing_steps"):
+        d["validation_steps"] = a["checkpointing_steps"]   # the official script validates at each checkpoint
+    return TrainConfig.from_dict(d)
+
+
+def load_config(path: Optional[str], sets: List[str], official: Optional[dict] = None) -> TrainConfig:
+    """A TrainConfig from our JSON, a SimpleTuner config.json, or official flags, then --set overrides."""
+    if official:
+        cfg = from_official(official)
+        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg
+    if not path:
+        raise UsageError("give --config FILE (tlora or SimpleTuner JSON) or the official flags")
+    raw = _read_json(path, "config file")
+    if is_simpletuner(raw):
+        cfg = from_simpletuner(raw, Path(path).parent)
+        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg
+    return TrainConfig.from_dict(apply_overrides(raw, sets))
