@@ -67,6 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     parser = build_parser()
     args = parser.parse_args(argv)
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
+    transformers.utils.logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except UsageError as e:

@@ -37,6 +37,17 @@ def find_images(data_dir: str, one_image: Optional[str] = None) -> List[Path]:
     return files
 
 
+def check_images(paths: List[Path]) -> None:
+    """Open every image header; one clear line for the first that cannot be read."""
+    from PIL import Image
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            raise UsageError(f"cannot read image {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Centre crop to a square, resize to ``resolution``; (3, res, res) float32 in [-1, 1]."""
     from PIL import Image, ImageOps

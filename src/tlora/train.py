@@ -55,8 +55,19 @@ def _digest(network) -> str:
     return h.hexdigest()
 
 
-def train(cfg: TrainConfig, callback: Optional[Callable[[int, float], None]] = None) -> Path:
-    """Train and return the path of the final weights file (``OUT/tlora.safetensors``)."""
+def train(cfg: TrainConfig, on_grads: Optional[Callable] = None, on_step: Optional[Callable] = None) -> Path:
+    """Train and return the path of the final weights file (``OUT/tlora.safetensors``).
+
+    ``on_grads(step, network, timesteps)`` runs after the backward of a step, before the optimizer step
+    (gradients in place); ``on_step(step, loss)`` after the step. Both are for logging and tests."""
+    from accelerate.state import AcceleratorState
+    try:
+        return _train(cfg, on_grads, on_step)
+    finally:  # accelerate keeps one global state; a second run in this process may use another precision
+        AcceleratorState._reset_state()
+
+
+def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Callable]) -> Path:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -64,7 +75,7 @@ def train(cfg: TrainConfig, callback: Optional[Callable[[int, float], None]] = N
 
     from . import checkpoint as ckpt
     from . import weights
-    from .data import batch_indices, load_examples
+    from .data import batch_indices, check_images, find_images, load_examples
     from .families import SHARED, TRAINING, denoiser_of, detect
     from .generate import DTYPES, contact_sheet, load_pipeline, sample_images, save_png, write_json
     from .masking import attach, timestep_mask
@@ -79,6 +90,9 @@ def train(cfg: TrainConfig, callback: Optional[Callable[[int, float], None]] = N
         if cfg.resume != "latest" and not (found[0] / "state.json").is_file():
             raise UsageError(f"resume checkpoint not found: {cfg.resume}")
         resume_from = found[-1] if found else None
+    check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
+    if cfg.class_data_dir:
+        check_images(find_images(cfg.class_data_dir))
     pipe = load_pipeline(cfg.model)                       # float32 on the CPU; moved below
     den = denoiser_of(pipe)
     family = detect(den)
@@ -232,6 +246,8 @@ def train(cfg: TrainConfig, callback: Optional[Callable[[int, float], None]] = N
             total += loss.item() / accum
             ranks = next(iter(network.schedules())).ranks(t.tolist())    # for the log only
             ranks_sum += sum(ranks) / len(ranks) / accum
+        if on_grads is not None:
+            on_grads(step + 1, network, t)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -243,8 +259,8 @@ def train(cfg: TrainConfig, callback: Optional[Callable[[int, float], None]] = N
             writer.add_scalar("loss", total, done)
             writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], done)
             writer.add_scalar("mean_active_rank", ranks_sum, done)
-        if callback is not None:
-            callback(done, total)
+        if on_step is not None:
+            on_step(done, total)
         if main and (done % cfg.checkpointing_steps == 0 or done == cfg.max_steps):
             last_ckpt = ckpt.save_checkpoint(out, done, network, optimizer, lr_scheduler, gen, metadata,
                                              cfg.checkpoints_total_limit)

@@ -1,0 +1,206 @@
+"""tlora train on tiny pipelines saved to temporary folders (the real from_pretrained path)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import tlora
+from tlora.cli import main
+from tlora.tiny import build_pipeline
+from tlora.train import TrainingError, train
+from tlora.trainconfig import TrainConfig, load_config
+
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for fam in ("sd15", "sdxl", "sd3", "flux"):
+        build_pipeline(fam).save_pretrained(root / fam)
+        out[fam] = str(root / fam)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"{i:02d}.png")
+    (d / "01.txt").write_text("a sks toy on a table")
+    return str(d)
+
+
+def cfg_for(model, data, out, **kw):
+    base = dict(model=model, data_dir=data, output_dir=str(out), class_name="toy", resolution=32, max_steps=3,
+                validation_steps=2, validation_inference_steps=2, checkpointing_steps=2, device="cpu",
+                validation_prompts=["a {0} on the beach"], tlora=tlora.TLoRAConfig(rank=4, target_module=()))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_three_step_run_writes_weights_samples_logs(models, data, tmp_path, family):
+    losses = []
+    final = train(cfg_for(models[family], data, tmp_path / "out"), on_step=lambda s, l: losses.append(l))
+    out = tmp_path / "out"
+    assert final == out / "tlora.safetensors" and final.is_file()
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert (out / "samples" / "step-2.png").is_file() and (out / "samples" / "step-3.png").is_file()
+    assert any((out / "logs").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    header = tlora.weights.read_header(final)
+    assert header["family"] == family and header["training"]["config"]["max_steps"] == 3
+    resolved = json.loads((out / "config.resolved.json").read_text())
+    assert resolved["tlora"]["rank"] == 4 and resolved["tlora"]["target_module"]
+    # the trained file attaches to a stock pipeline loaded from the same folder
+    from tlora.generate import load_pipeline
+    pipe = load_pipeline(models[family])
+    with tlora.attach(pipe, final) as h:
+        assert len(h.network.adapters) > 0
+
+
+def test_sdxl_feedforward_targets_in_bf16_have_finite_loss(models, data, tmp_path):
+    losses = []
+    cfg = cfg_for(models["sdxl"], data, tmp_path / "o", mixed_precision="bf16", max_steps=4, validation_steps=0,
+                  tlora=tlora.TLoRAConfig(rank=4, target_module=("Attention", "FeedForward")))
+    final = train(cfg, on_step=lambda s, l: losses.append(l))
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    header = tlora.weights.read_header(final)
+    assert any(".ff." in p for p in header["modules"])
+    tensors, _ = tlora.weights.read(final)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_batch_4_with_gradient_checkpointing_masked_ranks_get_zero_gradient(models, data, tmp_path):
+    seen = {}
+
+    def on_grads(step, network, t):
+        sched = next(iter(network.schedules()))
+        r_max = max(sched.ranks(t.tolist()))
+        for name, p in network.named_parameters():
+            axis = 1 if name.endswith((".lora_up", ".p")) else 0
+            g = p.grad.movedim(axis, 0)
+            seen.setdefault(step, []).append((r_max, g[r_max:].abs().max().item() if r_max < g.shape[0] else 0.0,
+                                              g[:r_max].abs().max().item()))
+    cfg = cfg_for(models["sd15"], data, tmp_path / "o", batch_size=4, gradient_checkpointing=True, max_steps=3,
+                  validation_steps=0, tlora=tlora.TLoRAConfig(rank=16, variant="vanilla", target_module=()))
+    train(cfg, on_grads=on_grads)
+    partial = [s for s, rows in seen.items() if rows[0][0] < 16]
+    assert partial, "no step had masked ranks"
+    for s in partial:
+        assert all(masked == 0.0 for _, masked, _ in seen[s])
+    assert any(active > 0 for rows in seen.values() for _, _, active in rows)
+
+
+def test_resume_after_kill_is_bit_identical(models, data, tmp_path):
+    cfg = dict(max_steps=5, checkpointing_steps=2, validation_steps=0, lr_scheduler="cosine",
+               tlora=tlora.TLoRAConfig(rank=4, target_module=()))
+    straight = train(cfg_for(models["sd15"], data, tmp_path / "a", **cfg))
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        train(cfg_for(models["sd15"], data, tmp_path / "b", **cfg), on_step=kill)
+    assert not (tmp_path / "b" / "tlora.safetensors").exists()
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = train(cfg_for(models["sd15"], data, tmp_path / "b", resume="latest", **cfg))
+    a, _ = tlora.weights.read(straight)
+    b, _ = tlora.weights.read(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(models, data, tmp_path):
+    def poison(step, network, t):
+        if step == 3:
+            with torch.no_grad():
+                next(iter(network.parameters())).fill_(float("nan"))
+    cfg = cfg_for(models["sd15"], data, tmp_path / "o", max_steps=6, checkpointing_steps=2, validation_steps=0)
+    with pytest.raises(TrainingError, match=r"at step 4.*checkpoint-2"):
+        train(cfg, on_grads=poison)
+    tensors, _ = tlora.weights.read(tmp_path / "o" / "checkpoint-2" / "tlora.safetensors")
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert not (tmp_path / "o" / "tlora.safetensors").exists()
+
+
+def test_simpletuner_config_and_seed_lycoris_json_parse_and_run(models, data, tmp_path):
+    lyc = {"algo": "tlora", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 4,
+           "apply_preset": {"target_module": ["Attention", "FeedForward"]}}   # the seed guide's JSON, rank 8
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "lycoris_tlora.json").write_text(json.dumps(lyc))
+    st = {"model_type": "lora", "lora_type": "lycoris", "lycoris_config": "config/lycoris_tlora.json",
+          "validation_lycoris_strength": 1.0, "pretrained_model_name_or_path": models["sdxl"],
+          "instance_data_dir": data, "output_dir": str(tmp_path / "out"), "learning_rate": 1e-4,
+          "max_train_steps": 2, "train_batch_size": 1, "resolution": 32, "validation_prompt": "a sks toy",
+          "validation_steps": 100, "validation_num_inference_steps": 2, "seed": 1, "mixed_precision": "no",
+          "gradient_checkpointing": True, "model_family": "sdxl", "report_to": "tensorboard"}
+    (tmp_path / "config.json").write_text(json.dumps(st))
+    with pytest.warns(UserWarning, match="report_to"):
+        cfg = load_config(str(tmp_path / "config.json"), ["device=\"cpu\""])
+    assert (cfg.tlora.rank, cfg.tlora.alpha, cfg.tlora.variant, cfg.tlora.init, cfg.tlora.sig_type) == \
+        (8, 4.0, "ortho", "weight", "principal")
+    assert (cfg.max_steps, cfg.gradient_checkpointing, cfg.validation_prompts) == (2, True, ["a sks toy"])
+    train(cfg)
+    assert (tmp_path / "out" / "tlora.safetensors").is_file()
+    lyc["algo"] = "lokr"
+    (tmp_path / "config" / "lycoris_tlora.json").write_text(json.dumps(lyc))
+    assert main(["train", "--config", str(tmp_path / "config.json")]) == 2
+
+
+def test_official_readme_command_line_parses_and_runs(models, data, tmp_path, capsys):
+    argv = ["train", f"--pretrained_model_name_or_path={models['sd15']}", f"--train_data_dir={data}",
+            f"--output_dir={tmp_path / 'out'}", "--mixed_precision=no", "--trainer_type=ortho_lora",
+            "--trainer_class=sdxl_tlora", "--num_train_epochs=2", "--checkpointing_steps=100", "--resolution=32",
+            "--validation_prompts=a {0} lying in the bed#a {0} swimming", "--num_val_imgs_per_prompt=1",
+            "--placeholder_token=sks", "--class_name=dog", "--seed=0", "--lora_rank=8", "--min_rank=4",
+            "--sig_type=last", "--one_image=01.png", "--set", "validation_inference_steps=2", "--device", "cpu"]
+    assert main(argv) == 0
+    h = tlora.weights.read_header(tmp_path / "out" / "tlora.safetensors")
+    c = h["config"]
+    assert (c["variant"], c["init"], c["sig_type"], c["rank"], c["min_rank"], c["alpha"]) == \
+        ("ortho", "random", "last", 8, 4, None)
+    t = h["training"]["config"]
+    assert t["validation_prompts"] == ["a {0} lying in the bed", "a {0} swimming"] and t["one_image"] == "01.png"
+    assert TrainConfig.from_dict(t).resolved_validation_prompts()[1] == "a sks dog swimming"
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(data_dir="/nonexistent"), "data dir not found"),
+    (dict(resolution=30), "multiple of 8"),
+    (dict(tlora={"rank": 0}), "rank"),
+    (dict(tlora={"rank": 4, "min_rank": 5}), "min_rank"),
+    (dict(one_image="missing.png"), "one_image"),
+    (dict(learning_rat=1e-4), "did you mean 'learning_rate'"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(models, data, tmp_path, capsys, change, match):
+    cfg = {"model": models["sd15"], "data_dir": data, "output_dir": str(tmp_path / "out"), "resolution": 32,
+           "max_steps": 1, "device": "cpu"}
+    cfg.update(change)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_and_missing_images(models, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    base = {"model": models["sd15"], "data_dir": str(d), "output_dir": str(tmp_path / "out"), "resolution": 32}
+    (tmp_path / "c.json").write_text(json.dumps(base))
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
+    assert "no images" in capsys.readouterr().err
+    (d / "bad.png").write_bytes(b"not an image")
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
