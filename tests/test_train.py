@@ -204,3 +204,24 @@ def test_unreadable_and_missing_images(models, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
     assert "cannot read image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_process_cpu_run_writes_one_file_equal_across_ranks(models, data, tmp_path):
+    import subprocess
+    import sys
+    cfg = {"model": models["sd15"], "data_dir": data, "output_dir": str(tmp_path / "out"), "resolution": 32,
+           "max_steps": 3, "validation_steps": 0, "validation_inference_steps": 2, "tlora": {"rank": 4}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tlora", "train",
+                        "--config", str(tmp_path / "c.json"), "--device", "cpu"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = json.loads((tmp_path / "out" / "logs" / "ranks.json").read_text())
+    assert ranks["processes"] == 2 and ranks["backend"] == "gloo"
+    assert len(ranks["digests"]) == 2 and ranks["digests"][0] == ranks["digests"][1]
+    assert [p.name for p in (tmp_path / "out").glob("*.safetensors")] == ["tlora.safetensors"]
+    tensors, _ = tlora.weights.read(tmp_path / "out" / "tlora.safetensors")
+    from tlora.train import _digest
+    net = tlora.load(tmp_path / "out" / "tlora.safetensors", build_pipeline("sd15").unet)
+    assert _digest(net) == ranks["digests"][0]

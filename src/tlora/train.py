@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import json
 import math
 import time
@@ -275,7 +276,9 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     if main:
         weights.save(network, final, metadata=metadata)
         write_json(cfg.to_dict(), out / "config.resolved.json")
-        write_json({"processes": accelerator.num_processes, "digests": list(digests)}, out / "logs" / "ranks.json")
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        write_json({"processes": accelerator.num_processes, "backend": backend, "digests": list(digests)},
+                   out / "logs" / "ranks.json")
         validate(cfg.max_steps)
         writer.close()
     accelerator.wait_for_everyone()
@@ -313,5 +316,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"tlora train: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {final}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {final}")
     return 0

@@ -1,0 +1,79 @@
+"""tlora generate: PNGs, grid and generate.json from a tiny pipeline saved to a temporary folder."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tlora
+from tlora.cli import main
+from tlora.tiny import build_pipeline
+
+from conftest import perturb
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    pipe = build_pipeline("sd15")
+    pipe.save_pretrained(root / "model")
+    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=8))
+    perturb(net, std=0.3)
+    tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
+    return root
+
+
+def test_generate_writes_pngs_grid_and_json(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
+               "--prompt", "a sks dog on the beach", "--prompt", "a sks dog", "--num-images", "2", "--steps", "3",
+               "--seed", "5", "--height", "32", "--width", "32", "--out", str(out)])
+    assert rc == 0
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert len(pngs) == 4 and (out / "grid.png").is_file()
+    assert Image.open(out / "grid.png").size == (64, 64)
+    rec = json.loads((out / "generate.json").read_text())
+    assert rec["steps"] == 3 and rec["guidance"] == 7.5 and rec["family"] == "sd15" and rec["mask"] is True
+    assert [i["seed"] for i in rec["images"]] == [5, 6, 5, 6]
+    assert rec["schedule"] == {"rank": 8, "min_rank": 1, "exponent": 1.0, "num_train_timesteps": 1000}
+    # --no-mask gives other pixels for the same seed
+    rc = main(["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
+               "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "5", "--height", "32", "--width", "32",
+               "--no-mask", "--out", str(tmp_path / "nomask")])
+    assert rc == 0
+    a = np.asarray(Image.open(out / pngs[0]))
+    b = np.asarray(Image.open(next((tmp_path / "nomask").glob("0*.png"))))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--num-images", "0"], "--num-images must be > 0"),
+    (["--steps", "-1"], "--steps must be > 0"),
+    (["--height", "30"], "multiple of 8"),
+    (["--weights", "/nope.safetensors"], "weights file not found"),
+    (["--model", "/no/such/model"], "model not found"),
+    (["--prompts-file", "EMPTY"], "prompts file is empty"),
+])
+def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, extra, match):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    argv = ["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
+            "--prompt", "x", "--out", str(tmp_path / "out")]
+    extra = [str(empty) if e == "EMPTY" else e for e in extra]
+    for i in range(0, len(extra), 2):
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i:i + 2]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_required_option_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
