@@ -10,7 +10,8 @@ from tlora.tiny import build_denoiser, build_pipeline
 
 from conftest import perturb
 
-TARGETS = {"sd15": ("Attention",), "sdxl": ("Attention",), "sd3": ("Attention",), "flux": ("FluxAttention",)}
+TARGETS = {"sd15": ("Attention",), "sdxl": ("Attention",), "sd3": ("Attention",), "flux": ("FluxAttention",),
+           "flux2": FAMILIES["flux2"].target_module}
 
 
 def make(family, variant="ortho", min_rank=1, rank=8, multiplier=1.0):
@@ -24,17 +25,17 @@ def make(family, variant="ortho", min_rank=1, rank=8, multiplier=1.0):
 
 
 def run(pipe, guidance=1.0, steps=4):
-    return pipe("a sks dog", num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+    return pipe(prompt="a sks dog", num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
                 generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
-def manual_masking(pipe, den, net):
-    """Mask each denoiser call by hand from the scheduler's own grid (one call per step)."""
+def manual_masking(pipe, den, net, calls_per_step=1):
+    """Mask each denoiser call by hand from the scheduler's own grid (Flux.2 Klein runs CFG as two calls)."""
     orig = den.forward
     calls = iter(range(10_000))
 
     def forward(*a, **k):
-        t = float(pipe.scheduler.timesteps[next(calls)])
+        t = float(pipe.scheduler.timesteps[next(calls) // calls_per_step])
         with tlora.timestep_mask(net, t):
             return orig(*a, **k)
     den.forward = forward
@@ -44,22 +45,23 @@ def manual_masking(pipe, den, net):
         del den.forward
 
 
-GUIDANCE = {"sd15": 2.0, "sdxl": 2.0, "sd3": 2.0, "flux": 3.5}
+GUIDANCE = {"sd15": 2.0, "sdxl": 2.0, "sd3": 2.0, "flux": 3.5, "flux2": 4.0}
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "flux2"])
 def test_attached_pipeline_masks_every_step_like_manual_masking(family):
     pipe, den, net = make(family)
     handle = tlora.attach(pipe, net, record=True)
     img = run(pipe, guidance=GUIDANCE[family])
     grid = [float(t) for t in pipe.scheduler.timesteps]
-    assert len(handle.steps) == len(grid)
-    for (ts, ranks), t in zip(handle.steps, grid):
+    per_step = len(handle.steps) // len(grid)
+    assert len(handle.steps) == per_step * len(grid) and per_step == (2 if family == "flux2" else 1)
+    for (ts, ranks), t in zip(handle.steps, [t for t in grid for _ in range(per_step)]):
         assert all(v == pytest.approx(t) for v in ts)
         assert ranks == [tlora.active_rank(t, 8)] * len(ts)
     assert len({r[0] for _, r in handle.steps}) > 1             # the rank really changes over the steps
     handle.detach()
-    manual = manual_masking(pipe, den, net)
+    manual = manual_masking(pipe, den, net, per_step)
     assert np.array_equal(img, manual)
     full_rank = run(pipe, guidance=GUIDANCE[family])            # detached: adapters at full rank
     assert not np.allclose(full_rank, img, atol=1e-4)
@@ -73,7 +75,7 @@ def test_cfg_batch_of_two_gets_one_mask_per_sample(family):
     assert all(len(ts) == 2 and len(r) == 2 and r[0] == r[1] for ts, r in handle.steps)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "flux2"])
 def test_min_rank_equal_rank_matches_merged_weights(family):
     pipe, den, net = make(family, min_rank=8)
     with tlora.attach(pipe, net):
@@ -106,7 +108,7 @@ def test_flux2_klein_denoiser_level():
     assert {"Flux2Attention", "Flux2FeedForward", "Flux2ParallelSelfAttention"} <= classes
     perturb(net, std=0.3)
     g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+    kw = dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 48, generator=g),
               img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(5, 4))
     sigma = torch.tensor([0.9, 0.2])
     with tlora.attach(den, net, record=True) as h:

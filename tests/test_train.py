@@ -20,7 +20,7 @@ SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for fam in ("sd15", "sdxl", "sd3", "flux"):
+    for fam in ("sd15", "sdxl", "sd3", "flux", "flux2"):
         build_pipeline(fam).save_pretrained(root / fam)
         out[fam] = str(root / fam)
     return out
@@ -45,7 +45,7 @@ def cfg_for(model, data, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "flux2"])
 def test_three_step_run_writes_weights_samples_logs(models, data, tmp_path, family):
     losses = []
     final = train(cfg_for(models[family], data, tmp_path / "out"), on_step=lambda s, l: losses.append(l))
@@ -134,8 +134,8 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(models, data, tmp_pat
 
 
 def test_simpletuner_config_and_seed_lycoris_json_parse_and_run(models, data, tmp_path):
-    lyc = {"algo": "tlora", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 4,
-           "apply_preset": {"target_module": ["Attention", "FeedForward"]}}   # the seed guide's JSON, rank 8
+    lyc = {"algo": "tlora", "multiplier": 1.0, "linear_dim": 64, "linear_alpha": 32,
+           "apply_preset": {"target_module": ["Attention", "FeedForward"]}}   # the seed guide's JSON, verbatim
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "lycoris_tlora.json").write_text(json.dumps(lyc))
     st = {"model_type": "lora", "lora_type": "lycoris", "lycoris_config": "config/lycoris_tlora.json",
@@ -148,7 +148,11 @@ def test_simpletuner_config_and_seed_lycoris_json_parse_and_run(models, data, tm
     with pytest.warns(UserWarning, match="report_to"):
         cfg = load_config(str(tmp_path / "config.json"), ["device=\"cpu\""])
     assert (cfg.tlora.rank, cfg.tlora.alpha, cfg.tlora.variant, cfg.tlora.init, cfg.tlora.sig_type) == \
-        (8, 4.0, "ortho", "weight", "principal")
+        (64, 32.0, "ortho", "weight", "principal")
+    # rank 64 does not fit the tiny model's 32-wide layers: lower it the way a user would
+    with pytest.warns(UserWarning):
+        cfg = load_config(str(tmp_path / "config.json"), ["device=\"cpu\"", "tlora.rank=8", "tlora.alpha=4"])
+    assert (cfg.tlora.rank, cfg.tlora.alpha, cfg.tlora.target_module) == (8, 4.0, ("Attention", "FeedForward"))
     assert (cfg.max_steps, cfg.gradient_checkpointing, cfg.validation_prompts) == (2, True, ["a sks toy"])
     train(cfg)
     assert (tmp_path / "out" / "tlora.safetensors").is_file()

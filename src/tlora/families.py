@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -129,13 +129,56 @@ def _call_flux(den, x, t, cond):
                txt_ids=cond["txt_ids"], img_ids=img_ids).sample
 
 
+def _encode_flux2(pipe, prompts, device):
+    pe, txt_ids = pipe.encode_prompt(prompts, device=device)
+    return {"encoder_hidden_states": pe, "txt_ids": txt_ids}
+
+
+def _flux2_pipeline_cls():
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    return Flux2KleinPipeline
+
+
+def _pack_flux2(x):
+    """(B, C, H, W) patchified latents → (B, H·W, C) tokens (Flux2KleinPipeline._pack_latents)."""
+    return _flux2_pipeline_cls()._pack_latents(x)
+
+
+def _call_flux2(den, x, t, cond):
+    img_ids = _flux2_pipeline_cls()._prepare_latent_ids(x).to(x.device)
+    return den(hidden_states=_pack_flux2(x), timestep=t, guidance=None, encoder_hidden_states=cond["encoder_hidden_states"],
+               txt_ids=cond["txt_ids"], img_ids=img_ids).sample
+
+
+def _latents_scaled(vae, z):
+    """VAE latent → denoiser space: (z − shift_factor) · scaling_factor."""
+    return (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+
+def _latents_flux2(vae, z):
+    """Flux.2: 2×2 patchify, then the VAE's batch-norm statistics (as Flux2KleinPipeline encodes images)."""
+    z = _flux2_pipeline_cls()._patchify_latents(z)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z)
+    return (z - mean) / std
+
+
 def _identity(x):
     return x
 
 
-TRAINING = {  # family → (encode prompts, call the denoiser, bring a latent-shaped target to its output layout)
-    "sd15": (_encode_sd15, _call_unet, _identity),
-    "sdxl": (_encode_sdxl, _call_unet, _identity),
-    "sd3": (_encode_sd3, _call_sd3, _identity),
-    "flux": (_encode_flux, _call_flux, _pack_flux),
+@dataclass(frozen=True)
+class TrainingSpec:
+    encode: Callable         # (pipe, prompts, device) → conditioning dict
+    call: Callable           # (denoiser, noisy latents, model timestep, conditioning) → prediction
+    to_layout: Callable      # latent-shaped target → the prediction's layout
+    latents: Callable        # (vae, raw VAE latents) → denoiser latent space
+
+
+TRAINING = {
+    "sd15": TrainingSpec(_encode_sd15, _call_unet, _identity, _latents_scaled),
+    "sdxl": TrainingSpec(_encode_sdxl, _call_unet, _identity, _latents_scaled),
+    "sd3": TrainingSpec(_encode_sd3, _call_sd3, _identity, _latents_scaled),
+    "flux": TrainingSpec(_encode_flux, _call_flux, _pack_flux, _latents_scaled),
+    "flux2": TrainingSpec(_encode_flux2, _call_flux2, _pack_flux2, _latents_flux2),
 }

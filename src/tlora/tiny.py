@@ -4,8 +4,8 @@ They run a full stock pipeline call in well under a second on a CPU. The demo an
 place of real checkpoints, which this project never downloads; every loader in tlora is the same
 ``from_pretrained`` that real models go through (save a tiny pipeline, load it by path).
 
-    pipe = build_pipeline("sdxl")                 # sd15 | sdxl | sd3 | flux
-    denoiser = build_denoiser("flux2")            # Flux.2 (Klein) transformer only
+    pipe = build_pipeline("sdxl")                 # sd15 | sdxl | sd3 | flux | flux2 (Klein)
+    denoiser = build_denoiser("flux2")            # the denoiser alone
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import string
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2")
 
 
 def clip_tokenizer():
@@ -73,16 +73,31 @@ def unet(sdxl=False, cross_attention_dim=32):
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra).eval()
 
 
-def build_denoiser(family: str):
-    """The denoiser alone (the Flux.2 transformer has no tiny text encoder here)."""
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte) and a plain chat template."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tok
+
+
+def flux2_transformer(joint_attention_dim=48):
+    from diffusers import Flux2Transformer2DModel
     torch.manual_seed(0)
-    if family == "flux2":
-        from diffusers import Flux2Transformer2DModel
-        return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                       timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                       guidance_embeds=False).eval()
-    return getattr(build_pipeline(family), "unet", None) or build_pipeline(family).transformer
+    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32,
+                                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+
+
+def build_denoiser(family: str):
+    """The denoiser alone."""
+    pipe = build_pipeline(family)
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def build_pipeline(family: str = "sd15"):
@@ -124,4 +139,19 @@ def build_pipeline(family: str = "sd15"):
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.1159, scaling_factor=0.3611),
                             text_encoder=clip_text(n), tokenizer=tok, text_encoder_2=t5_text(len(t5tok)),
                             tokenizer_2=t5tok, transformer=tr)
+    if family == "flux2":  # Flux.2 Klein: Qwen3 text encoder (layers 9, 18, 27 are stacked), Flux.2 VAE
+        from diffusers import AutoencoderKLFlux2
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        tok = qwen_tokenizer()
+        torch.manual_seed(0)
+        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                          head_dim=8, max_position_embeddings=512)).eval()
+        torch.manual_seed(0)
+        v = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                               sample_size=32, layers_per_block=1).eval()
+        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=v, text_encoder=te, tokenizer=tok,
+                                  transformer=flux2_transformer())
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")

@@ -99,7 +99,7 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     family = detect(den)
     if family.name not in TRAINING:
         raise UsageError(f"training {family.name} is not supported yet")
-    encode, call_denoiser, to_layout = TRAINING[family.name]
+    spec = TRAINING[family.name]
     resolution = cfg.resolution or family.resolution
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip())
@@ -126,17 +126,16 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     vae = pipe.vae.to(device)
     for m in text_modules:
         m.to(device)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         def encode_images(exs):
             px = torch.stack([e.pixels for e in exs]).to(device)
             dist = vae.encode(px).latent_dist
             return dist.mean.float(), dist.std.float()
         lat_mean, lat_std = encode_images(examples)
-        cond = encode(pipe, [e.caption for e in examples], device)
+        cond = spec.encode(pipe, [e.caption for e in examples], device)
         if class_examples:
             cls_mean, cls_std = encode_images(class_examples)
-            cls_cond = encode(pipe, [e.caption for e in class_examples], device)
+            cls_cond = spec.encode(pipe, [e.caption for e in class_examples], device)
     vae.to("cpu")
     for m in text_modules:
         m.to("cpu")
@@ -203,7 +202,7 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
 
     def latents_of(mean, std, idx):
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)
-        return (z - shift) * vae.config.scaling_factor
+        return spec.latents(vae, z)
 
     def cond_of(c, idx):
         return {k: (v if k in SHARED else v[idx]).to(device, weight_dtype) for k, v in c.items()}
@@ -231,8 +230,8 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
             t_model = (t / family.timestep_scale).to(device)
             sync = accelerator.no_sync(den) if micro < accum - 1 else nullcontext()
             with sync, timestep_mask(network, t):                       # masks hold through the backward
-                pred = call_denoiser(den, noisy.to(weight_dtype), t_model, c).float()
-                tgt = to_layout(target).float()
+                pred = spec.call(den, noisy.to(weight_dtype), t_model, c).float()
+                tgt = spec.to_layout(target).float()
                 if class_examples:
                     loss = (F.mse_loss(pred[:B], tgt[:B])
                             + cfg.prior_loss_weight * F.mse_loss(pred[B:], tgt[B:]))
