@@ -50,12 +50,106 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .formats import read_state, write_state
+    from .generate import load_denoiser
+    from .weights import WeightsFileError, network_from_state
+    if not Path(a.input).is_file():
+        raise UsageError(f"input file not found: {a.input}")
+    if a.at_timestep is not None and not (0 <= a.at_timestep <= 1000):
+        raise UsageError(f"--at-timestep must be in [0, T], got {a.at_timestep}")
+    model = load_denoiser(a.model) if a.model else None
+    try:
+        tensors, header = read_state(a.input, model, min_rank=a.min_rank, exponent=a.exponent, hparams=a.hparams)
+        if model is not None:   # prove the file fits the model before writing anything
+            network_from_state(model, tensors, header, a.input).remove()
+            header["denoiser_config"] = header.get("denoiser_config") or dict(model.config)
+        write_state(a.to, tensors, header, a.output, a.at_timestep)
+    except (ValueError, WeightsFileError) as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {a.output} ({a.to}, {len(header['modules'])} modules)")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from .formats import summary
+    from .schedule import RankSchedule
+    try:
+        info = summary(a.file)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rows = [("file", info["file"]), ("format", info["format"]), ("variant", info.get("variant")),
+            ("modules", info.get("modules"))] + [(k, info[k]) for k in ("family", "base_model", "num_train_timesteps",
+                                                                         "ranks", "export") if info.get(k) is not None]
+    for k, v in rows:
+        print(f"{k + ':':<21}{v}")
+    if info.get("schedule_known") is False:
+        print("schedule: not stored in this file (min_rank 1, exponent 1 shown; pass --min-rank/--exponent to convert)")
+    ts = (0, 250, 500, 750, 999)
+    scheds = [RankSchedule(r, mr, float(ex), info.get("num_train_timesteps", 1000)) for r, mr, ex in info["schedules"]]
+    if scheds:
+        print("active rank by timestep:")
+        print("  t".ljust(24) + "".join(f"{t:>6}" for t in ts))
+        for s in scheds:
+            print(f"  R={s.max_rank} Rmin={s.min_rank} α={s.alpha:g}".ljust(24) + "".join(f"{r:>6}" for r in s.ranks(ts)))
+    if info["metadata"]:
+        print("metadata:")
+        for k, v in info["metadata"].items():
+            print(f"  {k}: {v}")
+    if a.plot:
+        if not scheds:
+            raise UsageError("--plot needs a file with a timestep schedule")
+        _plot(scheds, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _plot(scheds, path: str) -> None:
+    import os
+    import tempfile
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'tlora[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s in scheds:
+        ts = list(range(0, s.num_train_timesteps + 1, max(1, s.num_train_timesteps // 500)))
+        ax.step(ts, s.ranks(ts), where="post", label=f"R={s.max_rank}, Rmin={s.min_rank}, α={s.alpha:g}")
+    ax.set_xlabel("timestep t (0 = clean, T = noise)")
+    ax.set_ylabel("active ranks")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tlora", description="T-LoRA: timestep-dependent LoRA for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="sample a stock pipeline with a T-LoRA attached and masked per step")
     _generate_args(g)
     g.set_defaults(func=_cmd_generate)
+    c = sub.add_parser("convert", help="convert between tlora, LyCORIS, official T-LoRA, diffusers and kohya files")
+    c.add_argument("input", help="tlora, LyCORIS (algo tlora) or official T-LoRA .safetensors")
+    c.add_argument("output")
+    c.add_argument("--to", required=True, choices=["tlora", "lycoris", "diffusers", "kohya"])
+    c.add_argument("--model", help="base pipeline (folder or hub id); needed to read LyCORIS files")
+    c.add_argument("--min-rank", type=int, help="schedule min rank, when the input file does not store it")
+    c.add_argument("--exponent", type=float, help="schedule exponent (tlora_alpha / alpha_rank_scale), when not stored")
+    c.add_argument("--hparams", help="the official run's logs/hparams.yml (lora_rank, min_rank, alpha_rank_scale)")
+    c.add_argument("--at-timestep", type=float, help="plain LoRA exports: the adapter truncated to r(t)")
+    c.set_defaults(func=_cmd_convert)
+    i = sub.add_parser("inspect", help="print a weights file's format, modules, ranks, schedule and metadata")
+    i.add_argument("file")
+    i.add_argument("--plot", help="write active rank vs timestep to this PNG")
+    i.set_defaults(func=_cmd_inspect)
     from . import demo, train
     train.add_cli(sub)
     demo.add_cli(sub)

@@ -94,6 +94,22 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     return pipe.to(device)
 
 
+def load_denoiser(model: str):
+    """Only the UNet / transformer of a pipeline (local folder or hub id), by its model_index.json."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
+    try:
+        index = DiffusionPipeline.load_config(model)
+        for attr in ("unet", "transformer"):
+            if attr in index and index[attr] and index[attr][1]:
+                return getattr(diffusers, index[attr][1]).from_pretrained(model, subfolder=attr)
+    except Exception as e:
+        raise UsageError(f"cannot load the denoiser of {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    raise UsageError(f"{model} has no unet or transformer")
+
+
 def save_png(image, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)

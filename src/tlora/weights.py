@@ -94,8 +94,19 @@ def header_of(network: TLoRANetwork, metadata: Optional[dict] = None) -> dict:
         "config": network.config.to_dict(),
         "base_fingerprint": fingerprint({p: s["base_shape"] for p, s in specs.items()}),
         "modules": specs,
+        "denoiser_config": _jsonable_config(network.model),
         "training": meta.pop("training", {}) | meta,
     }
+
+
+def _jsonable_config(model: nn.Module) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    try:
+        return json.loads(json.dumps(dict(cfg), default=str))
+    except (TypeError, ValueError):
+        return None
 
 
 def save(network: TLoRANetwork, path: os.PathLike, metadata: Optional[dict] = None) -> Path:
@@ -171,17 +182,28 @@ def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig,
     return TLoRANetwork(model, config, adapters)
 
 
-def load(path: os.PathLike, model: nn.Module) -> TLoRANetwork:
-    """Inject the adapters of a native file into ``model`` and load its tensors exactly."""
-    tensors, meta = read(path)
-    header = parse_header(meta, path)
+def network_from_state(model: nn.Module, tensors: Dict[str, torch.Tensor], header: dict, source: str = "file"
+                       ) -> TLoRANetwork:
+    """Inject the adapters a native state describes into ``model`` and load its tensors exactly."""
     config = TLoRAConfig.from_dict(header["config"])
-    net = build_network(model, header["modules"], config, source=str(path))
+    net = build_network(model, header["modules"], config, source=source)
     try:
         net.load_state_dict(tensors)
     except ValueError as e:
         net.remove()
-        raise WeightsFileError(f"{path}: {e}") from None
+        raise WeightsFileError(f"{source}: {e}") from None
     net.family = header.get("family")
     net.header = header
     return net
+
+
+def load(path: os.PathLike, model: nn.Module, **options) -> TLoRANetwork:
+    """Inject the adapters of a weights file into ``model``. Native files load exactly; LyCORIS and official
+    T-LoRA files are converted on the way (``options``: min_rank, exponent, hparams — see
+    :func:`tlora.formats.read_state`)."""
+    tensors, meta = read(path)
+    if "tlora" in meta:
+        return network_from_state(model, tensors, parse_header(meta, path), str(path))
+    from .formats import read_state
+    tensors, header = read_state(path, model, **options)
+    return network_from_state(model, tensors, header, str(path))

@@ -1,0 +1,351 @@
+"""Other people's files: read LyCORIS and official T-LoRA checkpoints, write LyCORIS, diffusers/peft and
+kohya files. Conversions are pure tensor maps between a *native state* — (tensors in tlora's layout,
+tlora header) — and the other layouts; only reading LyCORIS needs the base model (its frozen tensors are
+re-derived from the base weight, as LyCORIS does).
+
+Key layouts (../shared/REFERENCE.md §5):
+
+* LyCORIS: ``lycoris_<path with _>.q_layer.weight | .p_layer.weight | .lambda_layer | .alpha``;
+  SimpleTuner keeps the LyCORIS JSON in the metadata key ``lycoris_config``.
+* official SDXL: ``<attn path>.processor.to_q_lora.down.weight | .up.weight`` (vanilla) or
+  ``.q_layer.weight | .p_layer.weight | .lambda_layer | .base_q.weight | .base_p.weight | .base_lambda``
+  (ortho), for to_q, to_k, to_v, to_out; scale 1.
+* diffusers/peft: ``unet.<path>.lora_A.weight | .lora_B.weight`` (``transformer.`` for DiTs); alpha = rank.
+* kohya: ``lora_unet_<path with _>.lora_down.weight | .lora_up.weight | .alpha``; SDXL in SGM block names.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import functional as Fn
+from .config import TLoRAConfig
+from .families import FAMILIES
+from .schedule import active_rank
+from .weights import FORMAT, FORMAT_VERSION, WeightsFileError, fingerprint
+
+Tensors = Dict[str, torch.Tensor]
+FORMATS = ("tlora", "lycoris", "official", "diffusers", "kohya")
+OFFICIAL_RE = re.compile(r"^(?:unet\.)?(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<rest>.+)$")
+OFFICIAL_NAMES = {"down.weight": "lora_down", "up.weight": "lora_up", "q_layer.weight": "q", "p_layer.weight": "p",
+                  "lambda_layer": "lam", "base_q.weight": "q0", "base_p.weight": "p0", "base_lambda": "lam0"}
+
+
+def detect_format(keys, meta: Dict[str, str]) -> str:
+    """The format of a safetensors file from its keys and metadata; ValueError when unknown."""
+    keys = list(keys)
+    if "tlora" in meta:
+        return "tlora"
+    if any(k.startswith("lycoris_") for k in keys):
+        return "lycoris"
+    if any(OFFICIAL_RE.match(k) for k in keys):
+        return "official"
+    if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora.down." in k for k in keys):
+        return "diffusers"
+    raise ValueError("unknown weights format: the keys are neither tlora, LyCORIS, official T-LoRA, "
+                     "diffusers/peft nor kohya LoRA")
+
+
+def _header(specs: dict, config: TLoRAConfig, family: Optional[str], source: str, extra: Optional[dict] = None) -> dict:
+    variants = {s["variant"] for s in specs.values()}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "variant": variants.pop() if len(variants) == 1 else "mixed",
+            "num_train_timesteps": config.num_train_timesteps, "family": family,
+            "timestep_convention": FAMILIES[family].timestep_convention if family in FAMILIES else None,
+            "base_model": None, "config": config.to_dict(),
+            "base_fingerprint": fingerprint({p: s["base_shape"] for p, s in specs.items()}),
+            "modules": specs, "training": {"converted_from": source, **(extra or {})}}
+
+
+def _need(value, name: str, source: str):
+    if value is None:
+        raise ValueError(f"{source} file does not say its {name}: pass --{name.replace('_', '-')}")
+    return value
+
+
+# -- LyCORIS -------------------------------------------------------------------------------------------------
+def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_rank: Optional[int] = None,
+                 exponent: Optional[float] = None, num_train_timesteps: int = 1000) -> Tuple[Tensors, dict]:
+    """Native state of a LyCORIS ``tlora`` file. Frozen Q0/P0/λ0 come from saved ``base_*`` tensors when
+    present, else from the SVD of the base weight, principal triplets — what LyCORIS itself does on load
+    (a warning says so: correct only if the file was trained with that init)."""
+    lyc = json.loads(meta["lycoris_config"]) if "lycoris_config" in meta else {}
+    if lyc and lyc.get("algo", "tlora") != "tlora":
+        raise ValueError(f"LyCORIS algo {lyc.get('algo')!r} is not supported (only 'tlora')")
+    min_rank = min_rank if min_rank is not None else lyc.get("tlora_min_rank", 1 if lyc else None)
+    exponent = exponent if exponent is not None else lyc.get("tlora_alpha", 1.0 if lyc else None)
+    _need(min_rank, "min_rank", "LyCORIS")
+    _need(exponent, "exponent", "LyCORIS")
+    by_name = {"lycoris_" + p.replace(".", "_"): (p, m) for p, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))}
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        name, _, leaf = k.partition(".")
+        groups.setdefault(name, {})[leaf] = v
+    missing = [n for n in groups if n not in by_name]
+    if missing:
+        raise ValueError(f"LyCORIS file names {len(missing)} modules this {type(model).__name__} does not have "
+                         f"(first: {missing[0]}): wrong base model?")
+    out: Tensors = {}
+    specs = {}
+    rederived = 0
+    for name, g in groups.items():
+        path, base = by_name[name]
+        if "lambda_layer" not in g:
+            raise ValueError(f"{name}: not a LyCORIS tlora module (no lambda_layer); only algo 'tlora' is read")
+        q, p, lam = g["q_layer.weight"].float(), g["p_layer.weight"].float(), g["lambda_layer"].float().reshape(-1)
+        rank = q.shape[0]
+        if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1):
+            raise ValueError(f"{path}: LyCORIS tlora on a {base.kernel_size} conv cannot be read "
+                             "(LyCORIS applies a 1x1 kernel with the base padding; its own forward fails there)")
+        w2 = base.weight.detach().float().reshape(base.weight.shape[0], -1)
+        if "base_q" in g:
+            q0, p0, lam0 = g["base_q"].float(), g["base_p"].float(), g["base_lambda"].float().reshape(-1)
+        else:
+            q0, p0, lam0 = Fn.svd_init(w2, rank, "principal", from_weight=True)
+            rederived += 1
+        alpha = float(g["alpha"]) if "alpha" in g else float(lyc.get("linear_alpha", rank))
+        shape_q, shape_p = (rank, *base.weight.shape[1:]), (base.weight.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
+        out.update({f"{path}.q": q.reshape(shape_q), f"{path}.p": p.reshape(shape_p), f"{path}.lam": lam,
+                    f"{path}.q0": q0.reshape(shape_q), f"{path}.p0": p0.reshape(shape_p), f"{path}.lam0": lam0})
+        specs[path] = dict(variant="ortho", rank=rank, alpha=alpha, min_rank=min(min_rank, rank), exponent=float(exponent),
+                           init="weight", sig_type="principal", kind="conv2d" if q.dim() == 4 else "linear",
+                           base_shape=list(base.weight.shape))
+    if rederived:
+        warnings.warn(f"LyCORIS file has no frozen base tensors: Q0/P0/λ0 of {rederived} modules were rebuilt from the "
+                      "SVD of the base weight (principal), as LyCORIS does; correct only for LyCORIS's default init",
+                      stacklevel=2)
+    first = next(iter(specs.values()))
+    config = TLoRAConfig(rank=first["rank"], alpha=first["alpha"], min_rank=first["min_rank"], exponent=float(exponent),
+                         variant="ortho", init="weight", sig_type="principal", num_train_timesteps=num_train_timesteps,
+                         multiplier=float(lyc.get("multiplier", 1.0)), target_module=())
+    return out, _header(specs, config, None, "lycoris", {"lycoris_config": lyc} if lyc else None)
+
+
+def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]:
+    """A file ``lycoris.create_lycoris_from_weights`` loads. LyCORIS re-derives Q0/P0/λ0 from the base
+    weight, so only adapters in LyCORIS's own form (ortho, weight SVD, principal) keep the ``tlora``
+    algo; every other adapter is written as a LyCORIS ``lora`` module at its exact full-rank factors
+    (vanilla rank r, ortho rank 2r), which LyCORIS loads as a plain LoRA. The schedule travels in the
+    ``lycoris_config`` metadata, the way SimpleTuner stores it."""
+    out: Tensors = {}
+    plain = 0
+    for path, s in header["modules"].items():
+        name = "lycoris_" + path.replace(".", "_")
+        if s["variant"] == "ortho" and s["init"] == "weight" and s["sig_type"] == "principal":
+            out[f"{name}.q_layer.weight"] = tensors[f"{path}.q"].contiguous()
+            out[f"{name}.p_layer.weight"] = tensors[f"{path}.p"].contiguous()
+            out[f"{name}.lambda_layer"] = tensors[f"{path}.lam"].reshape(1, -1).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(s["alpha"]))
+        else:
+            down, up = lora_factors(tensors, path, s)
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+            out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # scale already in up
+            plain += 1
+    c = header["config"]
+    lyc = {"algo": "tlora", "multiplier": 1.0, "linear_dim": c["rank"], "linear_alpha": c["alpha"] or c["rank"],
+           "tlora_min_rank": c["min_rank"], "tlora_alpha": c["exponent"]}
+    meta = {"lycoris_config": json.dumps(lyc), "tlora_export": json.dumps(
+        {"from": "tlora", "plain_lora_modules": plain, "mask_dropped": plain > 0,
+         "schedule": {k: c[k] for k in ("rank", "min_rank", "exponent")}})}
+    return out, meta
+
+
+# -- official repository ---------------------------------------------------------------------------------------
+def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Optional[float] = None,
+                  hparams: Optional[dict] = None) -> Tuple[Tensors, dict]:
+    """Native state of an official SDXL checkpoint (``save_attn_procs`` keys), scale 1. Rank, min_rank and
+    exponent come from ``hparams`` (its ``logs/hparams.yml``: lora_rank, min_rank, alpha_rank_scale) or options."""
+    hp = hparams or {}
+    min_rank = _need(min_rank if min_rank is not None else hp.get("min_rank"), "min_rank", "official")
+    exponent = float(_need(exponent if exponent is not None else hp.get("alpha_rank_scale"), "exponent", "official"))
+    out: Tensors = {}
+    specs: dict = {}
+    for k, v in tensors.items():
+        m = OFFICIAL_RE.match(k)
+        if not m or m.group("rest") not in OFFICIAL_NAMES:
+            raise ValueError(f"unexpected key in an official T-LoRA file: {k}")
+        path = f"{m.group('attn')}.{'to_out.0' if m.group('proj') == 'to_out' else m.group('proj')}"
+        leaf = OFFICIAL_NAMES[m.group("rest")]
+        out[f"{path}.{leaf}"] = v.float().reshape(-1) if leaf in ("lam", "lam0") else v.float()
+    for path in sorted({k.rsplit(".", 1)[0] for k in out}):
+        vanilla = f"{path}.lora_down" in out
+        down = out[f"{path}.lora_down" if vanilla else f"{path}.q"]
+        up = out[f"{path}.lora_up" if vanilla else f"{path}.p"]
+        rank = down.shape[0]
+        specs[path] = dict(variant="vanilla" if vanilla else "ortho", rank=rank, alpha=float(rank),
+                           min_rank=min(int(min_rank), rank), exponent=exponent, init="random",
+                           sig_type=hp.get("sig_type", "last"), kind="linear", base_shape=[up.shape[0], down.shape[1]])
+    first = next(iter(specs.values()))
+    config = TLoRAConfig(rank=first["rank"], alpha=None, min_rank=first["min_rank"], exponent=exponent,
+                         variant=first["variant"], init="random", sig_type=first["sig_type"],
+                         target_module=("Attention",))
+    return out, _header(specs, config, "sdxl", "official", {"hparams": {k: v for k, v in hp.items()
+                                                                         if isinstance(v, (int, float, str, bool))}})
+
+
+# -- plain LoRA exports --------------------------------------------------------------------------------------------
+def lora_factors(tensors: Tensors, path: str, spec: dict, r: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(down (k, in, …), up (out, k, …)) with scale folded into up, such that up ∘ down = the adapter's delta
+    at its first r ranks (all when None). Vanilla k = r; ortho k = 2r: down = [diag(λ)Q ; diag(λ0)Q0],
+    up = [P, −P0]."""
+    r = spec["rank"] if r is None else r
+    scale = spec["alpha"] / spec["rank"]
+    if spec["variant"] == "vanilla":
+        down, up = tensors[f"{path}.lora_down"][:r], tensors[f"{path}.lora_up"][:, :r]
+    else:
+        q, p, lam = tensors[f"{path}.q"][:r], tensors[f"{path}.p"][:, :r], tensors[f"{path}.lam"][:r]
+        q0, p0, lam0 = tensors[f"{path}.q0"][:r], tensors[f"{path}.p0"][:, :r], tensors[f"{path}.lam0"][:r]
+        d2, u2 = Fn.ortho_as_lora(q.reshape(r, -1), p.reshape(p.shape[0], r), lam, q0.reshape(r, -1),
+                                  p0.reshape(p0.shape[0], r), lam0)
+        down, up = d2.reshape(2 * r, *q.shape[1:]), u2.reshape(p.shape[0], 2 * r, *p.shape[2:])
+    return down.float().contiguous(), (up.float() * scale).contiguous()
+
+
+def _ranks_at(header: dict, at_timestep: Optional[float]) -> Dict[str, Optional[int]]:
+    T = header["num_train_timesteps"]
+    return {p: None if at_timestep is None else active_rank(at_timestep, s["rank"], s["min_rank"], s["exponent"], T)
+            for p, s in header["modules"].items()}
+
+
+def _export_note(header: dict, at_timestep: Optional[float]) -> str:
+    c = header["config"]
+    return json.dumps({"from": "tlora", "mask_dropped": True, "at_timestep": at_timestep,
+                       "schedule": {k: c[k] for k in ("rank", "min_rank", "exponent", "num_train_timesteps")},
+                       "variant": header["variant"]})
+
+
+def to_diffusers(tensors: Tensors, header: dict, at_timestep: Optional[float] = None
+                 ) -> Tuple[Tensors, Dict[str, str]]:
+    """peft-style keys that ``pipe.load_lora_weights`` reads (no alphas: scale is folded into lora_B)."""
+    fam = header.get("family")
+    prefix = FAMILIES[fam].denoiser_attr if fam in FAMILIES else "unet"
+    out: Tensors = {}
+    for path, r in _ranks_at(header, at_timestep).items():
+        down, up = lora_factors(tensors, path, header["modules"][path], r)
+        out[f"{prefix}.{path}.lora_A.weight"], out[f"{prefix}.{path}.lora_B.weight"] = down, up
+    return out, {"tlora_export": _export_note(header, at_timestep), "format": "pt"}
+
+
+RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+
+def sgm_path(path: str, layers_per_block: int) -> str:
+    """diffusers UNet module path → SGM (kohya / ComfyUI / A1111) path, e.g.
+    down_blocks.1.attentions.0.x → input_blocks.4.1.x for SDXL (layers_per_block = 2)."""
+    n = layers_per_block + 1
+    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)$", path)
+    if m:
+        kind, i, inner, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        idx = 1 + i * n + j if kind == "down_blocks" else i * n + j
+        head = f"{'input_blocks' if kind == 'down_blocks' else 'output_blocks'}.{idx}.{0 if inner == 'resnets' else 1}"
+        return f"{head}.{RESNET_SGM.get(rest, rest) if inner == 'resnets' else rest}"
+    m = re.match(r"^mid_block\.(attentions|resnets)\.(\d+)\.(.+)$", path)
+    if m:
+        inner, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        idx = 1 if inner == "attentions" else (0 if j == 0 else 2)
+        return f"middle_block.{idx}.{RESNET_SGM.get(rest, rest) if inner == 'resnets' else rest}"
+    raise ValueError(f"no SGM name for module {path}; kohya export covers attention and resnet layers")
+
+
+def to_kohya(tensors: Tensors, header: dict, at_timestep: Optional[float] = None,
+             layers_per_block: Optional[int] = None) -> Tuple[Tensors, Dict[str, str]]:
+    """kohya keys with ``.alpha`` tensors (= rank, the scale is folded into lora_up). SDXL uses SGM block
+    names (what ComfyUI, A1111 and Forge read); other UNets keep diffusers names; DiTs use lora_transformer_."""
+    fam = header.get("family")
+    sgm = fam == "sdxl"
+    if sgm:
+        layers_per_block = layers_per_block or (header.get("denoiser_config") or {}).get("layers_per_block", 2)
+    prefix = "lora_unet_" if fam in (None, "sd15", "sdxl") else "lora_transformer_"
+    out: Tensors = {}
+    for path, r in _ranks_at(header, at_timestep).items():
+        down, up = lora_factors(tensors, path, header["modules"][path], r)
+        name = prefix + (sgm_path(path, layers_per_block) if sgm else path).replace(".", "_")
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out, {"tlora_export": _export_note(header, at_timestep), "ss_network_module": "networks.lora"}
+
+
+def read_state(path, model: Optional[nn.Module] = None, min_rank: Optional[int] = None,
+               exponent: Optional[float] = None, hparams: Optional[str] = None) -> Tuple[Tensors, dict]:
+    """Any T-LoRA file → native state (tensors in tlora's layout, tlora header).
+
+    ``model`` (the denoiser) is needed for LyCORIS files; ``hparams`` is the official ``hparams.yml``."""
+    from .weights import parse_header, read
+    tensors, meta = read(path)
+    fmt = detect_format(tensors.keys(), meta)
+    if fmt == "tlora":
+        return tensors, parse_header(meta, path)
+    if fmt == "lycoris":
+        if model is None:
+            raise ValueError("reading a LyCORIS file needs the base model (--model): LyCORIS files omit the frozen tensors")
+        return read_lycoris(tensors, meta, model, min_rank, exponent)
+    if fmt == "official":
+        hp = None
+        if hparams:
+            import yaml
+            from pathlib import Path
+            hp = yaml.safe_load(Path(hparams).read_text())
+        return read_official(tensors, min_rank, exponent, hp)
+    raise ValueError(f"{path} is a plain {fmt} LoRA: it has no timestep schedule to read")
+
+
+def write_state(fmt: str, tensors: Tensors, header: dict, path, at_timestep: Optional[float] = None) -> None:
+    """Native state → a file of format ``fmt`` (tlora | lycoris | diffusers | kohya), written atomically."""
+    from .weights import _checksum, atomic_save_file
+    if fmt == "tlora":
+        text = json.dumps(header, sort_keys=True)
+        t = {k: v.float().contiguous() for k, v in tensors.items()}
+        return atomic_save_file(t, path, {"tlora": text, "tlora_sha256": _checksum(text, t), "format": "pt"})
+    if at_timestep is not None and fmt == "lycoris":
+        raise ValueError("--at-timestep applies to plain LoRA exports (diffusers, kohya), not to lycoris")
+    writers = {"lycoris": lambda: to_lycoris(tensors, header), "diffusers": lambda: to_diffusers(tensors, header, at_timestep),
+               "kohya": lambda: to_kohya(tensors, header, at_timestep)}
+    if fmt not in writers:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of tlora, lycoris, diffusers, kohya")
+    out, meta = writers[fmt]()
+    atomic_save_file(out, path, meta)
+
+
+def summary(path) -> dict:
+    """What ``tlora inspect`` prints: format, variant, modules, ranks, schedules, metadata. Needs no model."""
+    from .weights import parse_header, read
+    tensors, meta = read(path)
+    fmt = detect_format(tensors.keys(), meta)
+    info: dict = {"file": str(path), "format": fmt, "tensors": len(tensors),
+                  "metadata": {k: (v if len(v) < 200 else v[:200] + "…") for k, v in meta.items() if k != "tlora"}}
+    if fmt == "tlora":
+        h = parse_header(meta, path)
+        mods = h["modules"]
+        info.update(variant=h["variant"], family=h.get("family"), base_model=h.get("base_model"),
+                     num_train_timesteps=h["num_train_timesteps"], modules=len(mods),
+                     schedules=sorted({(s["rank"], s["min_rank"], s["exponent"]) for s in mods.values()}))
+        return info
+    if fmt == "lycoris":
+        lyc = json.loads(meta.get("lycoris_config", "{}"))
+        names = {k.split(".")[0] for k in tensors}
+        ranks = sorted({tensors[f"{n}.q_layer.weight"].shape[0] for n in names if f"{n}.q_layer.weight" in tensors})
+        mr, ex = lyc.get("tlora_min_rank"), lyc.get("tlora_alpha")
+        info.update(variant="ortho" if ranks else "plain", modules=len(names),
+                    schedules=[(r, mr if mr is not None else 1, ex if ex is not None else 1.0) for r in ranks],
+                    schedule_known=bool(lyc))
+        return info
+    if fmt == "official":
+        state, h = read_official(tensors, min_rank=1, exponent=1.0)
+        info.update(variant=h["variant"], modules=len(h["modules"]), schedule_known=False,
+                    schedules=sorted({(s["rank"], s["min_rank"], s["exponent"]) for s in h["modules"].values()}))
+        return info
+    note = json.loads(meta["tlora_export"]) if "tlora_export" in meta else None
+    downs = [v for k, v in tensors.items() if k.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight"))]
+    info.update(variant="plain LoRA (no timestep mask)", modules=len(downs), export=note,
+                ranks=sorted({d.shape[0] for d in downs}), schedules=[])
+    return info
