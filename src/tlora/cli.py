@@ -23,6 +23,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="tlora .safetensors file (schedule read from its header)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for more")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--prompt-set", choices=["live", "object"],
+                   help="the 25 DreamBooth evaluation prompts, '{0}' = '--placeholder --class'")
+    p.add_argument("--placeholder", default="sks", help="identifier token for --prompt-set")
+    p.add_argument("--class", dest="class_name", default="", help="class word for --prompt-set")
     p.add_argument("--negative-prompt")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed..seed+N-1)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (official inference: 25)")
@@ -40,7 +44,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from .generate import GenerateSettings, read_prompts_file, run_generate
+    from .evaluate import prompt_set
     prompts = list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])
+    if a.prompt_set:
+        prompts += prompt_set(a.prompt_set, a.placeholder, a.class_name)
     s = GenerateSettings(model=a.model, weights=a.weights, prompts=prompts, out=a.out,
                          negative_prompt=a.negative_prompt, num_images=a.num_images, steps=a.steps,
                          guidance=a.guidance, seed=a.seed, multiplier=a.multiplier, height=a.height,
@@ -150,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--plot", help="write active rank vs timestep to this PNG")
     i.set_defaults(func=_cmd_inspect)
-    from . import demo, train
+    from . import demo, evaluate, train
     train.add_cli(sub)
+    evaluate.add_cli(sub)
     demo.add_cli(sub)
     return parser
 

@@ -155,3 +155,29 @@ def build_pipeline(family: str = "sd15"):
         return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=v, text_encoder=te, tokenizer=tok,
                                   transformer=flux2_transformer())
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def save_clip(path) -> None:
+    """A tiny random CLIPModel + CLIPProcessor saved to ``path`` (for evaluation tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8),
+                     projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(path)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
+
+
+def save_dinov2(path) -> None:
+    """A tiny random DINOv2 ViT and its image processor saved to ``path``."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).eval().save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
