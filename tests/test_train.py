@@ -229,3 +229,24 @@ def test_two_process_cpu_run_writes_one_file_equal_across_ranks(models, data, tm
     from tlora.train import _digest
     net = tlora.load(tmp_path / "out" / "tlora.safetensors", build_pipeline("sd15").unet)
     assert _digest(net) == ranks["digests"][0]
+
+
+def test_validation_computes_metrics_and_keeps_the_best(models, data, tmp_path):
+    from tlora.tiny import save_clip, save_dinov2
+    save_clip(tmp_path / "clip")
+    save_dinov2(tmp_path / "dino")
+    cfg = cfg_for(models["sd15"], data, tmp_path / "out", max_steps=4, validation_steps=2, checkpointing_steps=2,
+                  eval_clip_model=str(tmp_path / "clip"), eval_dino_model=str(tmp_path / "dino"), best_metric="IS+TS")
+    train(cfg)
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert best["step"] in (2, 4) and best["metric"] == "IS+TS"
+    s = best["scores"]
+    assert best["value"] == pytest.approx(s["IS"] + s["TS"]) and -1 <= s["DINO_IS"] <= 1
+    assert best["checkpoint"] == f"checkpoint-{best['step']}"
+    h = tlora.weights.read_header(tmp_path / "out" / "tlora-best.safetensors")
+    assert h["training"]["step"] == best["step"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(tmp_path / "out" / "logs"))
+    ea.Reload()
+    assert {"eval/IS", "eval/TS", "eval/DINO_IS", "loss", "lr", "mean_active_rank"} <= set(ea.Tags()["scalars"])
+    assert [e.step for e in ea.Scalars("eval/TS")] == [2, 4]

@@ -114,6 +114,11 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     network.family = family.name
     cfg.tlora = tl
 
+    embedder = None
+    if cfg.eval_clip_model:       # load the evaluation models now: a bad path stops the run before it writes
+        from .evaluate import Embedder
+        embedder = Embedder(cfg.eval_clip_model, cfg.eval_dino_model)
+
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     device, main = accelerator.device, accelerator.is_main_process
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
@@ -180,6 +185,27 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     val_prompts = cfg.resolved_validation_prompts()
     val_guidance = cfg.validation_guidance if cfg.validation_guidance is not None else family.guidance
 
+    best = {"value": None}
+
+    def record_metrics(step: int, imgs: list) -> None:
+        """IS / DINO-IS / TS of the validation images against the training images; keep the best weights."""
+        from PIL import Image
+        from .evaluate import scores
+        refs = [Image.open(e.path).convert("RGB") for e in examples]
+        rep = scores(embedder, [im for _, _, im in imgs], [p for p, _, _ in imgs], refs, cfg.placeholder)["overall"]
+        for k in ("IS", "DINO_IS", "TS"):
+            if rep[k] is not None:
+                writer.add_scalar(f"eval/{k}", rep[k], step)
+        value = rep["IS"] + rep["TS"] if cfg.best_metric == "IS+TS" else rep[cfg.best_metric]
+        if best["value"] is None or value > best["value"]:
+            best["value"] = value
+            weights.save(network, out / "tlora-best.safetensors", metadata={**metadata, "training": {
+                **metadata["training"], "step": step, "best_metric": cfg.best_metric, "scores": rep}})
+            write_json({"step": step, "metric": cfg.best_metric, "value": value, "scores": rep,
+                        "weights": "tlora-best.safetensors",
+                        "checkpoint": f"checkpoint-{step}" if (out / f"checkpoint-{step}").is_dir() else None},
+                       out / "best.json")
+
     def validate(step: int) -> None:
         if not main:
             return
@@ -199,6 +225,8 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
         save_png(sheet, out / "samples" / f"step-{step}.png")
         import numpy as np
         writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        if embedder is not None:
+            record_metrics(step, imgs)
 
     def latents_of(mean, std, idx):
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)

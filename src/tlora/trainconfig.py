@@ -55,6 +55,9 @@ class TrainConfig:
     validation_inference_steps: int = 25
     validation_guidance: Optional[float] = None  # None → the family's default
     validation_multiplier: float = 1.0
+    eval_clip_model: Optional[str] = None        # set to compute IS / TS at each validation (tlora evaluate)
+    eval_dino_model: Optional[str] = None        # optional DINO-IS
+    best_metric: str = "TS"                      # IS | DINO_IS | TS | IS+TS: picks OUT/tlora-best.safetensors
     checkpointing_steps: int = 100
     checkpoints_total_limit: Optional[int] = 3   # keep the last K checkpoints
     resume: Optional[str] = None                 # latest | path to a checkpoint-N folder
@@ -85,6 +88,10 @@ class TrainConfig:
             raise UsageError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise UsageError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.best_metric not in ("IS", "DINO_IS", "TS", "IS+TS"):
+            raise UsageError(f"best_metric must be IS, DINO_IS, TS or IS+TS, got {self.best_metric!r}")
+        if self.best_metric == "DINO_IS" and self.eval_clip_model and not self.eval_dino_model:
+            raise UsageError("best_metric DINO_IS needs eval_dino_model")
         if self.ortho_reg_weight < 0:
             raise UsageError(f"ortho_reg_weight must be >= 0, got {self.ortho_reg_weight}")
 
