@@ -103,7 +103,7 @@ def test_missing_file_and_foreign_file(tmp_path):
         tlora.load(tmp_path / "nope.safetensors", tiny_unet())
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")
-    with pytest.raises(WeightsFileError, match="not a tlora weights file"):
+    with pytest.raises(WeightsFileError, match="unknown weights format"):
         tlora.load(tmp_path / "plain.safetensors", tiny_unet())
 
 

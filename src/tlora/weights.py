@@ -205,5 +205,10 @@ def load(path: os.PathLike, model: nn.Module, **options) -> TLoRANetwork:
     if "tlora" in meta:
         return network_from_state(model, tensors, parse_header(meta, path), str(path))
     from .formats import read_state
-    tensors, header = read_state(path, model, **options)
+    try:
+        tensors, header = read_state(path, model, **options)
+    except WeightsFileError:
+        raise
+    except ValueError as e:
+        raise WeightsFileError(f"{path}: {e}") from None
     return network_from_state(model, tensors, header, str(path))
