@@ -75,10 +75,11 @@ class _nothing:
         return False
 
 
-@pytest.mark.parametrize("form", ["lycoris", "paper", "vanilla"])
+@pytest.mark.parametrize("form", ["lycoris", "lycoris-fast-svd", "paper", "vanilla"])
 def test_our_lycoris_export_loads_in_lycoris_with_our_full_rank_output(tmp_path, form):
     unet = tiny_unet()
-    cfg = {"lycoris": TLoRAConfig(rank=4, alpha=2.0, init="weight", sig_type="principal"),
+    cfg = {"lycoris": TLoRAConfig(rank=4, alpha=2.0, init="weight", sig_type="principal", svd="exact"),
+           "lycoris-fast-svd": TLoRAConfig(rank=4, alpha=2.0, init="weight", sig_type="principal"),
            "paper": TLoRAConfig(rank=4), "vanilla": TLoRAConfig(rank=4, variant="vanilla")}[form]
     net = tlora.inject(unet, cfg)
     perturb(net)

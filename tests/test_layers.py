@@ -232,3 +232,30 @@ def test_mask_batch_mismatch_is_a_clear_error():
     a.set_mask(torch.stack([torch.arange(R) < 2, torch.arange(R) < 3]).float())
     with pytest.raises(ValueError, match="batch"):
         base(torch.randn(3, 12))
+
+
+def test_randomized_principal_init_is_orthonormal_and_close_to_exact():
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(96, 96, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(128, 96, generator=g))[0]
+    w = (u * torch.logspace(0, -3, 96)) @ v.T                        # a decaying spectrum, like trained weights
+    q, p, lam, how = Fn.svd_init(w, 8, "principal", g, from_weight=True)
+    assert how == "randomized"
+    eq, ep, elam, how_e = Fn.svd_init(w, 8, "principal", from_weight=True, method="exact")
+    assert how_e == "exact"
+    torch.testing.assert_close(lam, elam, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q @ q.T, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.T @ p, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close((p * lam) @ q, (ep * elam) @ eq, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sig", ["principal", "last", "middle"])
+def test_random_init_samples_haar_frames_and_gaussian_singular_values(sig):
+    g = torch.Generator().manual_seed(0)
+    q, p, lam, how = Fn.svd_init(torch.zeros(40, 60), 6, sig, g, from_weight=False)
+    assert how == "haar"
+    torch.testing.assert_close(q @ q.T, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.T @ p, torch.eye(6), atol=1e-5, rtol=0)
+    # the singular values of an N(0, 1/r) 40x60 matrix lie in the Marchenko-Pastur bulk: (sqrt(60) +- sqrt(40)) / r
+    assert bool((lam > (60 ** 0.5 - 40 ** 0.5) / 6 * 0.8).all() and (lam < (60 ** 0.5 + 40 ** 0.5) / 6 * 1.2).all())
+    assert bool((lam[:-1] >= lam[1:]).all())

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
-from .functional import SIG_TYPES
+from .functional import SIG_TYPES, SVD_METHODS
 from .layers import INITS, VARIANTS
 
 
@@ -31,7 +31,7 @@ def unknown_keys_error(what: str, keys, known) -> ValueError:
 
 
 # per-module overrides allowed in module_algo_map
-OVERRIDE_KEYS = {"rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type"}
+OVERRIDE_KEYS = {"rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd"}
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TLoRAConfig:
     variant: str = "ortho"                # "ortho" (paper's T-LoRA) or "vanilla"
     init: str = "random"                  # ortho init: "random" (paper) or "weight" (LyCORIS)
     sig_type: str = "last"                # ortho singular triplets: principal | last | middle
+    svd: str = "auto"                     # "exact" full SVDs (LyCORIS-identical) or "auto" (fast, see functional)
     multiplier: float = 1.0
     num_train_timesteps: int = 1000
     conv_rank: Optional[int] = None       # rank of Conv2d layers; None → rank (LyCORIS conv_dim default)
@@ -91,11 +92,13 @@ class TLoRAConfig:
             raise ValueError(f"{where}init must be one of {INITS}, got {d['init']!r}")
         if d["sig_type"] not in SIG_TYPES:
             raise ValueError(f"{where}sig_type must be one of {SIG_TYPES}, got {d['sig_type']!r}")
+        if d["svd"] not in SVD_METHODS:
+            raise ValueError(f"{where}svd must be one of {SVD_METHODS}, got {d['svd']!r}")
 
     # -- per-layer settings --------------------------------------------------------------------------
     def layer_kwargs(self) -> dict:
         return dict(rank=self.rank, alpha=self.alpha, variant=self.variant, min_rank=self.min_rank,
-                    exponent=self.exponent, init=self.init, sig_type=self.sig_type)
+                    exponent=self.exponent, init=self.init, sig_type=self.sig_type, svd=self.svd)
 
     def for_layer(self, keys, is_conv: bool) -> dict:
         """Settings of one layer: the defaults, conv settings for convs, then the first ``keys`` entry
@@ -172,6 +175,7 @@ class TLoRAConfig:
             rank=int(d["linear_dim"]), alpha=float(alpha) if alpha is not None else None,
             min_rank=int(d.get("tlora_min_rank", 1)), exponent=float(d.get("tlora_alpha", 1.0)),
             variant=d.get("tlora_variant", "ortho"), init=init, sig_type=d.get("sig_type", "principal"),
+            svd="exact",                                  # LyCORIS-identical frozen tensors
             multiplier=float(d.get("multiplier", 1.0)),   # never int(): 0.5 stays 0.5
             num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
             conv_rank=int(d["conv_dim"]) if d.get("conv_dim") else None,

@@ -109,14 +109,14 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
         if "base_q" in g:
             q0, p0, lam0 = g["base_q"].float(), g["base_p"].float(), g["base_lambda"].float().reshape(-1)
         else:
-            q0, p0, lam0 = Fn.svd_init(w2, rank, "principal", from_weight=True)
+            q0, p0, lam0, _ = Fn.svd_init(w2, rank, "principal", from_weight=True, method="exact")
             rederived += 1
         alpha = float(g["alpha"]) if "alpha" in g else float(lyc.get("linear_alpha", rank))
         shape_q, shape_p = (rank, *base.weight.shape[1:]), (base.weight.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
         out.update({f"{path}.q": q.reshape(shape_q), f"{path}.p": p.reshape(shape_p), f"{path}.lam": lam,
                     f"{path}.q0": q0.reshape(shape_q), f"{path}.p0": p0.reshape(shape_p), f"{path}.lam0": lam0})
         specs[path] = dict(variant="ortho", rank=rank, alpha=alpha, min_rank=min(min_rank, rank), exponent=float(exponent),
-                           init="weight", sig_type="principal", kind="conv2d" if q.dim() == 4 else "linear",
+                           init="weight", sig_type="principal", svd="exact", kind="conv2d" if q.dim() == 4 else "linear",
                            base_shape=list(base.weight.shape))
     if rederived:
         warnings.warn(f"LyCORIS file has no frozen base tensors: Q0/P0/λ0 of {rederived} modules were rebuilt from the "
@@ -124,14 +124,15 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
                       stacklevel=2)
     first = next(iter(specs.values()))
     config = TLoRAConfig(rank=first["rank"], alpha=first["alpha"], min_rank=first["min_rank"], exponent=float(exponent),
-                         variant="ortho", init="weight", sig_type="principal", num_train_timesteps=num_train_timesteps,
+                         variant="ortho", init="weight", sig_type="principal", svd="exact",
+                         num_train_timesteps=num_train_timesteps,
                          multiplier=float(lyc.get("multiplier", 1.0)), target_module=())
     return out, _header(specs, config, None, "lycoris", {"lycoris_config": lyc} if lyc else None)
 
 
 def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]:
     """A file ``lycoris.create_lycoris_from_weights`` loads. LyCORIS re-derives Q0/P0/λ0 from the base
-    weight, so only adapters in LyCORIS's own form (ortho, weight SVD, principal) keep the ``tlora``
+    weight, so only adapters in LyCORIS's own form (ortho, exact weight SVD, principal) keep the ``tlora``
     algo; every other adapter is written as a LyCORIS ``lora`` module at its exact full-rank factors
     (vanilla rank r, ortho rank 2r), which LyCORIS loads as a plain LoRA. The schedule travels in the
     ``lycoris_config`` metadata, the way SimpleTuner stores it."""
@@ -139,7 +140,8 @@ def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]
     plain = 0
     for path, s in header["modules"].items():
         name = "lycoris_" + path.replace(".", "_")
-        if s["variant"] == "ortho" and s["init"] == "weight" and s["sig_type"] == "principal":
+        if (s["variant"] == "ortho" and s["init"] == "weight" and s["sig_type"] == "principal"
+                and s.get("svd", "exact") == "exact"):
             out[f"{name}.q_layer.weight"] = tensors[f"{path}.q"].contiguous()
             out[f"{name}.p_layer.weight"] = tensors[f"{path}.p"].contiguous()
             out[f"{name}.lambda_layer"] = tensors[f"{path}.lam"].reshape(1, -1).contiguous()
@@ -182,7 +184,8 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
         rank = down.shape[0]
         specs[path] = dict(variant="vanilla" if vanilla else "ortho", rank=rank, alpha=float(rank),
                            min_rank=min(int(min_rank), rank), exponent=exponent, init="random",
-                           sig_type=hp.get("sig_type", "last"), kind="linear", base_shape=[up.shape[0], down.shape[1]])
+                           sig_type=hp.get("sig_type", "last"), svd="exact", kind="linear",
+                           base_shape=[up.shape[0], down.shape[1]])
     first = next(iter(specs.values()))
     config = TLoRAConfig(rank=first["rank"], alpha=None, min_rank=first["min_rank"], exponent=exponent,
                          variant=first["variant"], init="random", sig_type=first["sig_type"],

@@ -34,21 +34,65 @@ def select_triplets(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: in
     return vh[sl].contiguous(), u[:, sl].contiguous(), s[sl].contiguous()
 
 
-def svd_init(weight2d: torch.Tensor, rank: int, sig_type: str, generator: Optional[torch.Generator] = None,
-             from_weight: bool = True):
-    """Ortho-LoRA initial (Q, P, λ).
+SVD_METHODS = ("auto", "exact")
 
-    from_weight=True: SVD of the base weight (LyCORIS ``use_data_init=True``).
-    from_weight=False: SVD of a random N(0, 1/rank) matrix of the weight's shape (the paper's and the
-    official repository's choice; equal in distribution to its (in, out) layout).
+
+def _haar_frame(n: int, r: int, generator, device) -> torch.Tensor:
+    """n × r with orthonormal columns, Haar-distributed (QR of a Gaussian with the sign fix)."""
+    q, rr = torch.linalg.qr(torch.randn(n, r, generator=generator, device=device))
+    d = torch.sign(torch.diagonal(rr))
+    d[d == 0] = 1
+    return q * d
+
+
+def randomized_principal(w: torch.Tensor, rank: int, generator=None, oversample: int = 16, n_iter: int = 4):
+    """Top-``rank`` singular triplets by a randomized range finder with power iterations (Halko et al. 2011):
+    orthonormal factors, singular values within a few % of the exact ones on flat spectra and far closer on
+    trained weights. Returns (q (rank, in), p (out, rank), lam (rank,))."""
+    k = min(rank + oversample, *w.shape)
+    y = w @ torch.randn(w.shape[1], k, generator=generator, device=w.device)
+    basis = torch.linalg.qr(y)[0]
+    for _ in range(n_iter):
+        basis = torch.linalg.qr(w @ torch.linalg.qr(w.T @ basis)[0])[0]
+    ub, s, vh = torch.linalg.svd(basis.T @ w, full_matrices=False)
+    return vh[:rank].contiguous(), (basis @ ub[:, :rank]).contiguous(), s[:rank].contiguous()
+
+
+def svd_init(weight2d: torch.Tensor, rank: int, sig_type: str, generator: Optional[torch.Generator] = None,
+             from_weight: bool = True, method: str = "auto"):
+    """Ortho-LoRA initial (Q (rank, in_flat), P (out, rank), λ (rank,)) and the method used.
+
+    from_weight=True: SVD of the base weight (LyCORIS ``use_data_init=True``). ``method="exact"`` is a full
+    SVD, bit-compatible with LyCORIS; ``"auto"`` uses a randomized range finder for principal triplets of
+    large layers (rank ≤ min(out, in) / 4), ~10× faster on SDXL-size layers.
+    from_weight=False: the SVD of a random N(0, 1/rank) matrix (the paper's and the official repository's
+    choice). ``"exact"`` computes it; ``"auto"`` samples the same distribution without the full SVD: the
+    singular vectors of a Gaussian matrix are Haar-distributed and independent of its singular values, so
+    Q and P are Haar frames and λ the selected singular values (from the eigenvalues of the Gram matrix).
     """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {SVD_METHODS}, got {method!r}")
     out_f, in_flat = weight2d.shape
+    k = min(out_f, in_flat)
+    if rank > k:
+        raise ValueError(f"ortho rank {rank} exceeds min(out, in) = {k} of the layer; lower the rank")
+    dev = weight2d.device
     if from_weight:
-        m = weight2d.detach().to(torch.float32)
-    else:
-        m = torch.randn(out_f, in_flat, generator=generator, device=weight2d.device) / rank
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return select_triplets(u, s, vh, rank, sig_type)
+        w = weight2d.detach().to(torch.float32)
+        if method == "auto" and sig_type == "principal" and 4 * rank <= k:
+            return (*randomized_principal(w, rank, generator), "randomized")
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return (*select_triplets(u, s, vh, rank, sig_type), "exact")
+    m = torch.randn(out_f, in_flat, generator=generator, device=dev) / rank
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return (*select_triplets(u, s, vh, rank, sig_type), "exact")
+    gram = m @ m.T if out_f <= in_flat else m.T @ m
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)          # k singular values, descending
+    _, _, lam = select_triplets(torch.empty(0, k), s, torch.empty(k, 0), rank, sig_type)
+    q = _haar_frame(in_flat, rank, generator, dev).T.contiguous()
+    p = _haar_frame(out_f, rank, generator, dev).contiguous()
+    return q, p, lam, "haar"
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

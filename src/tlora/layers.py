@@ -41,7 +41,7 @@ class TLoRAAdapter(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: Optional[float] = None, variant: str = "ortho",
                  init: str = "random", sig_type: str = "last", min_rank: int = 1, exponent: float = 1.0,
                  num_train_timesteps: int = 1000, multiplier: float = 1.0,
-                 generator: Optional[torch.Generator] = None, init_weights: bool = True):
+                 generator: Optional[torch.Generator] = None, init_weights: bool = True, svd: str = "auto"):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"T-LoRA wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
@@ -54,7 +54,7 @@ class TLoRAAdapter(nn.Module):
         if sig_type not in Fn.SIG_TYPES:
             raise ValueError(f"sig_type must be one of {Fn.SIG_TYPES}, got {sig_type!r}")
         self.schedule = RankSchedule(rank, min_rank, float(exponent), num_train_timesteps)
-        self.rank, self.variant, self.init, self.sig_type = rank, variant, init, sig_type
+        self.rank, self.variant, self.init, self.sig_type, self.svd = rank, variant, init, sig_type, svd
         self.alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self.scale = self.alpha / rank
         self.multiplier = float(multiplier)
@@ -73,7 +73,8 @@ class TLoRAAdapter(nn.Module):
             self.lora_up = nn.Parameter(torch.zeros(up_shape, device=dev))
         else:
             if init_weights:
-                q, p, lam = Fn.svd_init(w.reshape(out_f, -1), rank, sig_type, generator, from_weight=(init == "weight"))
+                q, p, lam, self.svd = Fn.svd_init(w.reshape(out_f, -1), rank, sig_type, generator,
+                                                  from_weight=(init == "weight"), method=svd)
             else:  # about to be loaded from a file: skip the SVD
                 if rank > min(out_f, w[0].numel()):
                     raise ValueError(f"ortho rank {rank} exceeds min(out, in) = {min(out_f, w[0].numel())} of the layer")

@@ -46,7 +46,7 @@ class WeightsFileError(ValueError):
 def module_spec(a: TLoRAAdapter) -> dict:
     s = a.schedule
     return dict(variant=a.variant, rank=a.rank, alpha=a.alpha, min_rank=s.min_rank, exponent=s.alpha,
-                init=a.init, sig_type=a.sig_type, kind="conv2d" if a.is_conv else "linear",
+                init=a.init, sig_type=a.sig_type, svd=a.svd, kind="conv2d" if a.is_conv else "linear",
                 base_shape=list(a.base_layer.weight.shape))
 
 
@@ -173,6 +173,7 @@ def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig,
     try:
         for p, s in specs.items():
             kw = {k: s[k] for k in ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type")}
+            kw["svd"] = s.get("svd", "exact")
             adapters[p] = TLoRAAdapter(modules[p], num_train_timesteps=config.num_train_timesteps,
                                        multiplier=config.multiplier, init_weights=False, **kw)
     except Exception:
