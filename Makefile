@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench toyworld clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+toyworld: venv
+	$(PY) -m benchmarks.toyworld
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -10,8 +10,8 @@
    from its config): tlora vs LyCORIS.
 
 Times are medians over repeats after warm-up. "Train memory" is what a step keeps alive beyond the frozen
-model: trainable parameters, their gradients and AdamW state, plus every tensor autograd saves for the
-backward (counted with saved_tensors_hooks; CPU PyTorch has no allocator statistics).
+model: trainable parameters, their gradients and AdamW state, plus every storage autograd saves for the
+backward, counted once (saved_tensors_hooks; CPU PyTorch has no allocator statistics).
 """
 from __future__ import annotations
 
@@ -115,16 +115,20 @@ def train_step_bench(kind: str, batch: int, repeats: int):
         secs = median_time(step, repeats)
     except Exception as e:  # LyCORIS fails on per-sample masks for B > 1: record it
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"}
-    saved = [0]
+    # activations: every storage autograd keeps for the backward, once, except the model's own weights
+    weights = {t.untyped_storage().data_ptr() for t in [*unet.parameters(), *unet.buffers(), *params]}
+    seen = {}
 
     def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
+        st = tensor.untyped_storage()
+        if st.data_ptr() not in weights:
+            seen[st.data_ptr()] = st.nbytes()
         return tensor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx():
         loss = unet(x, t, c).sample.square().mean()
     del loss
     state = sum(p.numel() * p.element_size() for p in params) * 4   # weights, grads, exp_avg, exp_avg_sq
-    return {"time": secs, "mem": (saved[0] + state) / 2**20}
+    return {"time": secs, "mem": (sum(seen.values()) + state) / 2**20}
 
 
 def mid_pipeline():

@@ -82,7 +82,7 @@ def test_rank_k_mask_equals_truncated_adapter(layer, kind):
         assert a._shared_rank == k                       # fast path taken
         fast = base(x)
         a.set_mask(m.expand(2, R).clone(), shared_rank=None)
-        a._shared_rank = None                            # force the general per-sample path
+        a._shared_rank, a._max_rank = None, R            # force the general per-sample path over all ranks
         slow = base(x)
         ref = truncated_reference(base, a, x, k)
         torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-5)

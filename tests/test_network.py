@@ -206,3 +206,13 @@ def test_config_validates_itself():
     with pytest.raises(ValueError, match="did you mean 'min_rank'"):
         TLoRAConfig.from_dict({"min_rnk": 2})
     assert TLoRAConfig.from_dict(TLoRAConfig(rank=3).to_dict()) == TLoRAConfig(rank=3)
+
+
+def test_ortho_rank_wider_than_a_layer_is_clamped_with_its_own_schedule(unet):
+    with pytest.warns(UserWarning, match="clamped"):
+        net = tlora.inject(unet, TLoRAConfig(rank=48, min_rank=4))
+    ranks = {a.rank for a in net.adapters.values()}
+    assert ranks == {32, 48}                          # 32-wide layers get 32, 64-wide ones keep 48
+    with tlora.timestep_mask(net, 500):
+        for a in net.adapters.values():
+            assert a._shared_rank == tlora.active_rank(500, a.rank, 4)

@@ -1,64 +1,66 @@
 """``tlora demo``: the main job end to end on a laptop CPU, with nothing downloaded.
 
-Builds a tiny SD1.5-style pipeline offline and saves it (the real ``from_pretrained`` path loads it),
-trains a T-LoRA on the image shipped with the package, then samples the same prompts and seeds with the
-timestep mask and without it, side by side.
+Uses the toy-world pipeline shipped inside the package (a stock diffusers StableDiffusionPipeline trained
+on synthetic scenes, see :mod:`tlora.toyworld`). Trains plain LoRA and T-LoRA (same rank, same steps) on one
+image of a shape the base model never saw, then asks both to put it on other backgrounds and in other
+positions, and writes a side-by-side grid:
+
+    row 1: what each prompt asks for (rendered by the world itself)
+    row 2: LoRA        row 3: T-LoRA          (column 1: the training image)
 """
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
 
-def run_demo(out: Path, steps: int = 30) -> Path:
-    import shutil
+def run_demo(out: Path, steps: int = 150, rank: int = 64, n_prompts: int = 6) -> Path:
+    from PIL import Image
 
-    import torch
+    from .errors import UsageError
+    from .generate import contact_sheet, load_pipeline, save_png
+    from .toyworld.experiment import CONCEPTS, concept_prompt, default_model, personalise, sample, score, test_prompts
+    from .toyworld.world import render
 
-    from .generate import contact_sheet, load_pipeline, sample_images, save_png
-    from .masking import attach
-    from .tiny import build_pipeline
-    from .trainconfig import TrainConfig
-    from .config import TLoRAConfig
-    from .train import train
-
+    model = default_model()
+    if not (model / "model_index.json").is_file():
+        raise UsageError(f"the toy-world model is missing from {model}; reinstall tlora")
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, data_dir = out / "base-model", out / "data"
-    if not (model_dir / "model_index.json").is_file():
-        build_pipeline("sd15").save_pretrained(model_dir)
-    data_dir.mkdir(exist_ok=True)
-    with resources.as_file(resources.files("tlora") / "assets" / "concept.png") as src:
-        shutil.copy(src, data_dir / "concept.png")
-    prompts = ["a photo of sks toy", "a sks toy on the beach"]
-    cfg = TrainConfig(model=str(model_dir), data_dir=str(data_dir), output_dir=str(out / "run"), class_name="toy",
-                      resolution=32, max_steps=steps, learning_rate=1e-3, validation_prompts=prompts,
-                      validation_steps=0, validation_inference_steps=10, checkpointing_steps=steps,
-                      tlora=TLoRAConfig(rank=16, min_rank=1, target_module=()), device="cpu")
-    weights = train(cfg)
-    pipe = load_pipeline(str(model_dir))
-    rows = []
-    for mask in (True, False):
-        with torch.no_grad(), attach(pipe, weights, mask=mask):
-            rows += [im for _, _, im in sample_images(pipe, prompts, 2, 0, 10, 7.5, progress=False)]
-    sheet = out / "masked-vs-unmasked.png"
-    save_png(contact_sheet(rows, cols=4), sheet)
-    return sheet
+    concept = CONCEPTS[0]
+    scenes = test_prompts(concept, n_prompts)
+    pipe = load_pipeline(str(model))
+    reference = render(concept)
+    rows = [reference] + [render(s) for s in scenes]
+    report = {}
+    for method in ("LoRA", "T-LoRA"):
+        weights = personalise(model, concept, method, rank, steps, seed=0, out=out / method.replace(" ", "_"))
+        images = sample(pipe, weights, scenes, concept, seed=0)
+        report[method] = score(images, scenes, concept)
+        rows += [reference] + list(images)
+    sheet = contact_sheet(rows, cols=n_prompts + 1)
+    sheet = sheet.resize((sheet.width * 4, sheet.height * 4), Image.Resampling.NEAREST)
+    path = out / "lora-vs-tlora.png"
+    save_png(sheet, path)
+    print(f"concept: {concept.colour} {concept.shape} (never seen in pretraining), trained as "
+          f"\"{concept_prompt(concept)}\"; rank {rank}, {steps} steps each")
+    for method, s in report.items():
+        print(f"  {method:<7} text alignment {s['text_alignment']:.2f}  concept fidelity {s['concept_fidelity']:.2f}")
+    return path
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("demo", help="train and sample a T-LoRA on an embedded tiny pipeline (CPU, no downloads)")
+    p = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--steps", type=int, default=150, help="training steps per method")
+    p.add_argument("--rank", type=int, default=64)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .errors import UsageError
-    if a.steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {a.steps}")
-    sheet = run_demo(Path(a.out), a.steps)
-    print(f"weights:  {Path(a.out) / 'run' / 'tlora.safetensors'}")
-    print(f"samples:  {Path(a.out) / 'run' / 'samples'}")
-    print(f"compare:  {sheet}  (top row: masked per step, as trained; bottom row: no mask)")
+    if a.steps <= 0 or a.rank <= 0:
+        raise UsageError("--steps and --rank must be > 0")
+    sheet = run_demo(Path(a.out), a.steps, a.rank)
+    print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
+    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")
     return 0

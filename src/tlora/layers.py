@@ -88,6 +88,7 @@ class TLoRAAdapter(nn.Module):
             self.register_buffer("lam0", lam.clone())
         self._mask: Optional[torch.Tensor] = None      # (B, R) float32, or None = full rank
         self._shared_rank: Optional[int] = None        # r when every row of the mask is the same prefix
+        self._max_rank: Optional[int] = None           # per-sample masks: no row has a 1 past this rank
         self.merged = False
         self._backup: Optional[torch.Tensor] = None
         self._hook = base.register_forward_hook(_add_delta)
@@ -98,11 +99,13 @@ class TLoRAAdapter(nn.Module):
     def base_layer(self) -> nn.Module:
         return self._base
 
-    def set_mask(self, mask: Optional[torch.Tensor], shared_rank: Optional[int] = None) -> None:
+    def set_mask(self, mask: Optional[torch.Tensor], shared_rank: Optional[int] = None,
+                 max_rank: Optional[int] = None) -> None:
         """Mask the ranks: ``mask`` (B, R) or (1, R) of 0/1, or None for full rank. ``shared_rank`` (if
-        known) says every row is the same prefix of that length; it is derived when not given."""
+        known) says every row is the same prefix of that length; ``max_rank`` that no row has a 1 past it
+        (per-sample masks then compute only those ranks). Both are derived when not given."""
         if mask is None:
-            self._mask, self._shared_rank = None, None
+            self._mask, self._shared_rank, self._max_rank = None, None, None
             return
         if mask.dim() != 2 or mask.shape[1] != self.rank:
             raise ValueError(f"mask must have shape (B, {self.rank}), got {tuple(mask.shape)}")
@@ -112,7 +115,10 @@ class TLoRAAdapter(nn.Module):
             prefix[:r] = 1
             if bool((mask == prefix).all()):
                 shared_rank = r
-        self._mask, self._shared_rank = mask, shared_rank
+        if max_rank is None and shared_rank is None:
+            used = mask.ne(0).any(0).nonzero()
+            max_rank = int(used.max()) + 1 if used.numel() else 0
+        self._mask, self._shared_rank, self._max_rank = mask, shared_rank, max_rank
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) / .half() must not touch the adapter's dtype: adapter math stays float32.
@@ -153,8 +159,9 @@ class TLoRAAdapter(nn.Module):
         """multiplier · scale · adapter(x), float32, same leading shape as base(x)."""
         r = self._shared_rank
         m = None
-        if self._mask is not None and r is None:     # per-sample masks: compute all ranks, zero some per sample
-            m = self._mask.to(x.device, torch.float32)
+        if self._mask is not None and r is None:     # per-sample masks: ranks up to the largest, zeroed per sample
+            r = max(self._max_rank, 1)
+            m = self._mask[:, :r].to(x.device, torch.float32)
         xf = x.float()
         out = None
         for down, up, lam in self._paths(r):

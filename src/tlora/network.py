@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -120,7 +121,7 @@ class TLoRANetwork:
                 dev = a.base_layer.weight.device
                 if dev not in by_device:
                     by_device[dev] = mask.to(dev)
-                a.set_mask(by_device[dev], shared)
+                a.set_mask(by_device[dev], shared, max(ranks))
             out[sched] = ranks
         return out
 
@@ -129,11 +130,11 @@ class TLoRANetwork:
             a.set_mask(None)
 
     def mask_state(self) -> list:
-        return [(a._mask, a._shared_rank) for a in self.adapters.values()]
+        return [(a._mask, a._shared_rank, a._max_rank) for a in self.adapters.values()]
 
     def restore_mask_state(self, state: list) -> None:
-        for a, (m, r) in zip(self.adapters.values(), state):
-            a._mask, a._shared_rank = m, r
+        for a, (m, r, mr) in zip(self.adapters.values(), state):
+            a._mask, a._shared_rank, a._max_rank = m, r, mr
 
     def __repr__(self) -> str:
         return (f"TLoRANetwork({len(self.adapters)} adapters, {self.num_parameters():,} trainable parameters, "
@@ -197,11 +198,21 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
                          f"module classes here include {classes}")
     modules = dict(model.named_modules())
     adapters: Dict[str, TLoRAAdapter] = {}
+    clamped = []
     for path, keys in targets.items():
         base = modules[path]
         if hasattr(base, ADAPTER_ATTR):
             raise ValueError(f"{path} already has a T-LoRA adapter; remove() the other network first")
         kw = config.for_layer(keys, isinstance(base, nn.Conv2d))
+        size = min(base.weight.shape[0], base.weight[0].numel())
+        if kw["variant"] == "ortho" and kw["rank"] > size:
+            # an orthonormal Q (r × in) needs r ≤ in: narrow layers get the largest rank they can hold,
+            # with a schedule of their own (never a mask padded with ones)
+            clamped.append(path)
+            kw.update(rank=size, min_rank=min(kw["min_rank"], size))
         adapters[path] = TLoRAAdapter(base, num_train_timesteps=config.num_train_timesteps,
                                       multiplier=config.multiplier, generator=generator, **kw)
+    if clamped:
+        warnings.warn(f"{len(clamped)} layers are narrower than the ortho rank {config.rank} (first: {clamped[0]}); "
+                      "their rank is clamped to the layer size", stacklevel=2)
     return TLoRANetwork(model, config, adapters)

@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
                        out / "best.json")
 
     def validate(step: int) -> None:
-        if not main:
+        if not main or cfg.num_validation_images == 0:
             return
         vae.to(device)
         for m in text_modules:

@@ -51,7 +51,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     validation_prompts: List[str] = field(default_factory=list)   # "{0}" → "placeholder class_name"
     validation_steps: int = 100                  # every N steps (0: only at the end)
-    num_validation_images: int = 1
+    num_validation_images: int = 1               # 0: no validation images
     validation_inference_steps: int = 25
     validation_guidance: Optional[float] = None  # None → the family's default
     validation_multiplier: float = 1.0
@@ -72,10 +72,12 @@ class TrainConfig:
             raise UsageError("no data dir given: set 'data_dir' to a folder of images")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise UsageError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_validation_images",
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps",
                      "validation_inference_steps", "checkpointing_steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_validation_images < 0:
+            raise UsageError(f"num_validation_images must be >= 0, got {self.num_validation_images}")
         if self.validation_steps < 0:
             raise UsageError(f"validation_steps must be >= 0, got {self.validation_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

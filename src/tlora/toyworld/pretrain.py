@@ -1,0 +1,223 @@
+"""Pretrain the toy world's base model: a stock diffusers StableDiffusionPipeline, small enough to ship.
+
+    python -m tlora.toyworld.pretrain --out src/tlora/assets/toyworld [--minutes 22 | --steps N] [--seed 0]
+    python -m tlora.toyworld.pretrain --evaluate src/tlora/assets/toyworld      # caption-following figure
+
+1. a BPE tokenizer over the world's words (one token per word; "sks" is in the vocabulary but never in a
+   caption, as a rare token is in a real model), as a CLIPTokenizer;
+2. a small AutoencoderKL (32×32×3 ↔ 8×8×4), trained first on renders of every shape;
+3. a UNet2DConditionModel (blocks 32/64/64, cross-attention 128, text added to the time embedding) and a
+   2-layer CLIPTextModel, trained together with v-prediction on captions of the pretraining shapes only
+   (10 % of captions say "shape" instead of the shape's name; 10 % are empty, for guidance);
+4. the pipeline saved with ``save_pretrained`` (DDIM scheduler, v-prediction, T = 1000).
+
+``caption_following(pipe)`` measures what the issue asks: the share of generated images whose background
+colour and position, read from the pixels, match the caption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import CLASS_WORD, NEW_SHAPES, SHAPES, measure, render, sample_scene, vocabulary
+
+
+def build_tokenizer():
+    """A CLIPTokenizer whose BPE merges (trained with the tokenizers library) make every world word one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+    words = sorted({w.strip(",") for w in vocabulary()}) + [","]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                                  special_tokens=["<|startoftext|>", "<|endoftext|>"])
+    bpe.train_from_iterator([" ".join(words)] * 50, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+
+
+def build_models(tokenizer, seed: int = 0):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=16, sample_size=32)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+                                        eos_token_id=eos, pad_token_id=eos))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+                                addition_embed_type="text", addition_embed_type_num_heads=4)
+    return vae, text, unet
+
+
+def to_tensor(images) -> torch.Tensor:
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_vae(vae, seconds: float, batch: int = 64, seed: int = 0, log=print) -> None:
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    t0, step = time.time(), 0
+    while time.time() - t0 < seconds:
+        x = to_tensor([render(sample_scene(rng, shapes=SHAPES + NEW_SHAPES)) for _ in range(batch)])
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    vae.eval()
+
+
+def dataset(n: int, seed: int):
+    """n pretraining scenes (new-concept shapes excluded) with their captions."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    caps = [s.caption(CLASS_WORD if rng.random() < 0.1 else None) for s in scenes]
+    return scenes, caps
+
+
+def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, seed: int = 0, n_images: int = 16000,
+                   log=print, steps: int = None) -> int:
+    """Train for ``steps`` steps (cosine decay over them), or, when None, for ``seconds`` (cosine decay over
+    the number of steps estimated from the first 20)."""
+    from diffusers import DDPMScheduler
+    scenes, caps = dataset(n_images, seed)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_tensor([render(s) for s in scenes[i:i + 512]])).latent_dist.mean
+                         for i in range(0, n_images, 512)])
+    scaling = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scaling)
+    lat = lat * scaling
+    ids = tokenizer(caps, padding="max_length", max_length=24, truncation=True, return_tensors="pt")["input_ids"]
+    empty = tokenizer([""], padding="max_length", max_length=24, return_tensors="pt")["input_ids"][0]
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type="v_prediction", clip_sample=False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    est_steps = steps
+    unet.train()
+    text.train()
+    t0, step = time.time(), 0
+    while True:
+        elapsed = time.time() - t0
+        if (steps is not None and step >= steps) or (steps is None and elapsed >= seconds):
+            break
+        if step == 20 and steps is None:
+            est_steps = int(seconds / (elapsed / 20))
+        # cosine decay over the estimated number of steps in the time budget
+        lr = 1e-3 * (0.5 * (1 + math.cos(math.pi * min(step / est_steps, 1.0))) if est_steps else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = max(lr, 2e-5)
+        idx = torch.randint(0, n_images, (batch,), generator=g)
+        x = lat[idx]
+        tok = ids[idx].clone()
+        tok[torch.rand(batch, generator=g) < 0.1] = empty         # caption dropout, for guidance
+        noise = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noisy = sched.add_noise(x, noise, t)
+        target = sched.get_velocity(x, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(f"denoiser step {step} loss {loss.item():.4f} lr {lr:.2e} ({elapsed / 60:.1f} min)")
+    unet.eval()
+    text.eval()
+    return step
+
+
+def assemble(vae, text, unet, tokenizer):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                          timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, guidance: float = 3.0,
+                      shapes=SHAPES, batch: int = 25) -> dict:
+    """Share of images whose background colour / position / size / object colour (read from the pixels)
+    match the caption, over n random captions of the given shapes."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, shapes=shapes) for _ in range(n)]
+    hits = {"background": 0, "position": 0, "size": 0, "colour": 0, "background_and_position": 0}
+    for i in range(0, n, batch):
+        chunk = scenes[i:i + batch]
+        images = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed + i)).images
+        for s, im in zip(chunk, images):
+            m = measure(im)
+            for k in ("background", "position", "size", "colour"):
+                hits[k] += int(getattr(m, k) == getattr(s, k))
+            hits["background_and_position"] += int(m.background == s.background and m.position == s.position)
+    return {k: v / n for k, v in hits.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="pretrain the toy world's base pipeline")
+    ap.add_argument("--out", help="folder for the trained pipeline")
+    ap.add_argument("--minutes", type=float, default=22.0, help="total budget (VAE gets 15 %%)")
+    ap.add_argument("--steps", type=int, help="denoiser steps (instead of the time budget; the shipped model's "
+                                              "count is in its toyworld.json)")
+    ap.add_argument("--evaluate", metavar="MODEL", help="only print the caption-following figure of a pipeline")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure")
+    a = ap.parse_args(argv)
+    import warnings
+    warnings.filterwarnings("ignore")
+    if a.evaluate:
+        from ..generate import load_pipeline
+        print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100), indent=1))
+        return 0
+    if not a.out:
+        ap.error("--out is required unless --evaluate is given")
+    t0 = time.time()
+    tok = build_tokenizer()
+    vae, text, unet = build_models(tok, a.seed)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    train_vae(vae, a.minutes * 60 * 0.15, seed=a.seed, log=log)
+    steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * 0.85, seed=a.seed, log=log, steps=a.steps)
+    pipe = assemble(vae, text, unet, tok)
+    out = Path(a.out)
+    pipe.save_pretrained(out)
+    score = caption_following(pipe, a.eval) if a.eval else {}
+    info = {"seed": a.seed, "minutes": a.minutes, "denoiser_steps": steps, "train_seconds": round(time.time() - t0),
+            "caption_following": score, "torch": torch.__version__}
+    (out / "toyworld.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
