@@ -52,8 +52,11 @@ def test_prompts(concept: Scene, n: int = 8, seed: int = 0) -> List[Scene]:
     return [Scene(concept.shape, concept.colour, b, concept.size, p) for b, p in pairs[:n]]
 
 
+TARGETS = ("Transformer2DModel", "ResnetBlock2D")   # the toy UNet is small: attention alone cannot draw a new shape
+
+
 def personalise(model: Path, concept: Scene, method: str, rank: int, steps: int, seed: int, out: Path,
-                lr: float = 5e-4, batch: int = 4) -> Path:
+                lr: float = 1e-3, batch: int = 4, targets=TARGETS) -> Path:
     """Train one adapter on one image of ``concept``; returns the weights file."""
     from ..config import TLoRAConfig
     from ..train import train
@@ -63,7 +66,7 @@ def personalise(model: Path, concept: Scene, method: str, rank: int, steps: int,
     render(concept).save(data / "concept.png")
     (data / "concept.txt").write_text(concept_prompt(concept))
     m = METHODS[method]
-    tl = TLoRAConfig(rank=rank, min_rank=rank if m.get("full") else 1, variant=m["variant"], target_module=())
+    tl = TLoRAConfig(rank=rank, min_rank=rank if m.get("full") else 1, variant=m["variant"], target_module=targets)
     cfg = TrainConfig(model=str(model), data_dir=str(data), output_dir=str(out / "run"), resolution=32,
                       max_steps=steps, batch_size=batch, learning_rate=lr, seed=seed, checkpointing_steps=steps,
                       checkpoints_total_limit=1, num_validation_images=0, device="cpu", tlora=tl)

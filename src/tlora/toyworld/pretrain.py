@@ -71,7 +71,7 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def train_vae(vae, seconds: float, batch: int = 64, seed: int = 0, log=print) -> None:
+def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print) -> int:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
@@ -86,8 +86,9 @@ def train_vae(vae, seconds: float, batch: int = 64, seed: int = 0, log=print) ->
         opt.step()
         step += 1
         if step % 100 == 0:
-            log(f"vae step {step} loss {loss.item():.4f}")
+            log(f"vae step {step} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
     vae.eval()
+    return step
 
 
 def dataset(n: int, seed: int):
@@ -187,7 +188,8 @@ def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, gui
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
-    ap.add_argument("--minutes", type=float, default=22.0, help="total budget (VAE gets 15 %%)")
+    ap.add_argument("--minutes", type=float, default=22.0, help="total budget")
+    ap.add_argument("--vae-share", type=float, default=0.32, help="share of the budget for the VAE")
     ap.add_argument("--steps", type=int, help="denoiser steps (instead of the time budget; the shipped model's "
                                               "count is in its toyworld.json)")
     ap.add_argument("--evaluate", metavar="MODEL", help="only print the caption-following figure of a pipeline")
@@ -206,13 +208,15 @@ def main(argv=None) -> int:
     tok = build_tokenizer()
     vae, text, unet = build_models(tok, a.seed)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    train_vae(vae, a.minutes * 60 * 0.15, seed=a.seed, log=log)
-    steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * 0.85, seed=a.seed, log=log, steps=a.steps)
+    vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log)
+    steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * (1 - a.vae_share), seed=a.seed, log=log,
+                           steps=a.steps)
     pipe = assemble(vae, text, unet, tok)
     out = Path(a.out)
     pipe.save_pretrained(out)
     score = caption_following(pipe, a.eval) if a.eval else {}
-    info = {"seed": a.seed, "minutes": a.minutes, "denoiser_steps": steps, "train_seconds": round(time.time() - t0),
+    info = {"seed": a.seed, "minutes": a.minutes, "vae_steps": vae_steps, "denoiser_steps": steps,
+            "train_seconds": round(time.time() - t0),
             "caption_following": score, "torch": torch.__version__}
     (out / "toyworld.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))
