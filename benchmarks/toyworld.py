@@ -38,13 +38,14 @@ def table(results, ranks, methods) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from tlora.toyworld.experiment import CONCEPTS, METHODS, default_model, run_grid
+    from tlora.toyworld.experiment import CONCEPTS, LR, METHODS, STEPS, default_model, run_grid
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--concepts", type=int, default=3)
+    ap.add_argument("--concepts", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--model", default=None, help="toy-world pipeline (default: the shipped one)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("toyworld.md")))
@@ -56,18 +57,21 @@ def main(argv=None) -> int:
     methods = list(METHODS)
     t0 = time.time()
     results = run_grid(Path(a.model) if a.model else default_model(), CONCEPTS[:a.concepts], list(range(a.seeds)),
-                       a.ranks, methods, a.steps, a.prompts)
+                       a.ranks, methods, a.steps, a.prompts, lr=a.lr)
     minutes = (time.time() - t0) / 60
     cmd = "python -m benchmarks.toyworld" + (" --quick" if a.quick else
-                                               f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps}")
+                                               f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps} --lr {a.lr:g}")
     lines = ["# Toy world: T-LoRA vs LoRA from one image", "",
              f"Command: `{cmd}` ({minutes:.1f} min on this machine). {a.concepts} held-out concepts × {a.seeds} seeds, "
-             f"{a.steps} training steps (batch 4, lr 1e-3, LoRA on Transformer2DModel and ResnetBlock2D layers), {a.prompts} prompts per run that change background and "
+             f"{a.steps} training steps (batch 4, lr {a.lr:g}, LoRA on Transformer2DModel and ResnetBlock2D layers), {a.prompts} prompts per run that change background and "
              "position; DDIM 25 steps, guidance 3.", "",
              "Text alignment: share of images whose background colour and position, read from the pixels, match "
              "the prompt (the paper's TS, exact here). Concept fidelity: IoU of the generated object's mask with "
              "the reference object's after centring both, zero when the object has the wrong colour (the paper's "
              "IS, exact here).", ""] + table(results, a.ranks, methods)
+    lines += ["", "Every run (concept index, seed, rank, method: text alignment / concept fidelity):", ""]
+    lines += [f"- c{x.concept} s{x.seed} r{x.rank} {x.method}: {x.text_alignment:.2f} / {x.concept_fidelity:.2f}"
+              for x in results]
     if a.quick:
         lines += ["", "(--quick: a smoke test of the pipeline, not a result.)"]
     Path(a.out).write_text("\n".join(lines) + "\n")
