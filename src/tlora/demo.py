@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 
-def run_demo(out: Path, steps: int = 200, rank: int = 64, n_prompts: int = 6) -> Path:
+def run_demo(out: Path, steps: int = 400, rank: int = 64, n_prompts: int = 6) -> Path:
     from PIL import Image
 
     from .errors import UsageError
@@ -51,7 +51,7 @@ def run_demo(out: Path, steps: int = 200, rank: int = 64, n_prompts: int = 6) ->
 def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, default=200, help="training steps per method")
+    p.add_argument("--steps", type=int, default=400, help="training steps per method (lr 5e-3, batch 4)")
     p.add_argument("--rank", type=int, default=64)
     p.set_defaults(func=_cmd_demo)
 

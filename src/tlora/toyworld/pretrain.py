@@ -1,6 +1,7 @@
 """Pretrain the toy world's base model: a stock diffusers StableDiffusionPipeline, small enough to ship.
 
-    python -m tlora.toyworld.pretrain --out src/tlora/assets/toyworld [--minutes 22 | --steps N] [--seed 0]
+    python -m tlora.toyworld.pretrain --out src/tlora/assets/toyworld [--minutes 22 | --vae-steps N --steps M] [--seed 0]
+    python -m tlora.toyworld.pretrain --out /tmp/toyworld --reproduce src/tlora/assets/toyworld   # same seed, same steps
     python -m tlora.toyworld.pretrain --evaluate src/tlora/assets/toyworld      # caption-following figure
 
 1. a BPE tokenizer over the world's words (one token per word; "sks" is in the vocabulary but never in a
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -71,12 +74,13 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print) -> int:
+def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print, steps: int = None) -> int:
+    """Train for ``steps`` steps, or, when None, for ``seconds``; returns the number of steps taken."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
     t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    while (step < steps) if steps is not None else (time.time() - t0 < seconds):
         x = to_tensor([render(sample_scene(rng, shapes=SHAPES + NEW_SHAPES)) for _ in range(batch)])
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
@@ -190,10 +194,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for the trained pipeline")
     ap.add_argument("--minutes", type=float, default=22.0, help="total budget")
     ap.add_argument("--vae-share", type=float, default=0.32, help="share of the budget for the VAE")
-    ap.add_argument("--steps", type=int, help="denoiser steps (instead of the time budget; the shipped model's "
-                                              "count is in its toyworld.json)")
+    ap.add_argument("--vae-steps", type=int, help="VAE steps instead of its time budget")
+    ap.add_argument("--steps", type=int, help="denoiser steps instead of the time budget (cosine decay over them)")
+    ap.add_argument("--reproduce", metavar="MODEL", help="take the seed and step counts from MODEL/toyworld.json "
+                                                          "(e.g. the shipped model) instead of a time budget")
     ap.add_argument("--evaluate", metavar="MODEL", help="only print the caption-following figure of a pipeline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once)")
     ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure")
     a = ap.parse_args(argv)
     import warnings
@@ -204,21 +211,35 @@ def main(argv=None) -> int:
         return 0
     if not a.out:
         ap.error("--out is required unless --evaluate is given")
+    out = Path(a.out)
+    if out.exists() and not (out / "toyworld.json").is_file() and any(out.iterdir()):
+        ap.error(f"--out {out} is a non-empty folder that is not a toy-world model; give a new folder")
+    if a.reproduce:
+        try:
+            shipped = json.loads((Path(a.reproduce) / "toyworld.json").read_text())
+            a.seed, a.vae_steps, a.steps = shipped["seed"], shipped["vae_steps"], shipped["denoiser_steps"]
+            a.images = shipped.get("images", a.images)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
     t0 = time.time()
     tok = build_tokenizer()
     vae, text, unet = build_models(tok, a.seed)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log)
+    vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log, steps=a.vae_steps)
     steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * (1 - a.vae_share), seed=a.seed, log=log,
-                           steps=a.steps)
+                           steps=a.steps, n_images=a.images)
     pipe = assemble(vae, text, unet, tok)
-    out = Path(a.out)
-    pipe.save_pretrained(out)
     score = caption_following(pipe, a.eval) if a.eval else {}
-    info = {"seed": a.seed, "minutes": a.minutes, "vae_steps": vae_steps, "denoiser_steps": steps,
+    info = {"seed": a.seed, "minutes": a.minutes, "images": a.images, "vae_steps": vae_steps, "denoiser_steps": steps,
             "train_seconds": round(time.time() - t0),
             "caption_following": score, "torch": torch.__version__}
-    (out / "toyworld.json").write_text(json.dumps(info, indent=1))
+    # write next to the target and rename, so a killed run never leaves a half-saved pipeline behind
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    (partial / "toyworld.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
     print(json.dumps(info, indent=1))
     return 0
 
