@@ -38,7 +38,7 @@ def table(results, ranks, methods) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from tlora.toyworld.experiment import CONCEPTS, LR, METHODS, STEPS, default_model, run_grid
+    from tlora.toyworld.experiment import CONCEPTS, LR, METHODS, STEPS, TARGETS, default_model, run_grid
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--concepts", type=int, default=2)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps} --lr {a.lr:g}")
     lines = ["# Toy world: T-LoRA vs LoRA from one image", "",
              f"Command: `{cmd}` ({minutes:.1f} min on this machine). {a.concepts} held-out concepts × {a.seeds} seeds, "
-             f"{a.steps} training steps (batch 4, lr {a.lr:g}, LoRA on Transformer2DModel and ResnetBlock2D layers), {a.prompts} prompts per run that change background and "
+             f"{a.steps} training steps (batch 4, lr {a.lr:g}, LoRA on {' and '.join(TARGETS)} layers), {a.prompts} prompts per run that change background and "
              "position; DDIM 25 steps, guidance 3.", "",
              "Text alignment: share of images whose background colour and position, read from the pixels, match "
              "the prompt (the paper's TS, exact here). Concept fidelity: IoU of the generated object's mask with "
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
               for x in results]
     if a.quick:
         lines += ["", "(--quick: a smoke test of the pipeline, not a result.)"]
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    tmp = Path(a.out).with_suffix(".md.partial")      # written whole, then renamed
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(a.out)
     print("\n".join(lines))
     return 0
 

@@ -14,14 +14,16 @@ import argparse
 from pathlib import Path
 
 
-def run_demo(out: Path, steps: int = 400, rank: int = 64, n_prompts: int = 6) -> Path:
+def run_demo(out: Path, steps: int = None, rank: int = 64, n_prompts: int = 6) -> Path:
     from PIL import Image
 
     from .errors import UsageError
     from .generate import contact_sheet, load_pipeline, save_png
-    from .toyworld.experiment import CONCEPTS, concept_prompt, default_model, personalise, sample, score, test_prompts
+    from .toyworld.experiment import (CONCEPTS, STEPS, concept_prompt, default_model, personalise, sample, score,
+                                      test_prompts)
     from .toyworld.world import render
 
+    steps = steps or STEPS
     model = default_model()
     if not (model / "model_index.json").is_file():
         raise UsageError(f"the toy-world model is missing from {model}; reinstall tlora")
@@ -51,14 +53,14 @@ def run_demo(out: Path, steps: int = 400, rank: int = 64, n_prompts: int = 6) ->
 def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, default=400, help="training steps per method (lr 5e-3, batch 4)")
+    p.add_argument("--steps", type=int, help="training steps per method (default: the toy-world recipe, 400 at lr 5e-3)")
     p.add_argument("--rank", type=int, default=64)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .errors import UsageError
-    if a.steps <= 0 or a.rank <= 0:
+    if (a.steps is not None and a.steps <= 0) or a.rank <= 0:
         raise UsageError("--steps and --rank must be > 0")
     sheet = run_demo(Path(a.out), a.steps, a.rank)
     print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
