@@ -1,6 +1,6 @@
 """T-LoRA vs LoRA in the toy world: K held-out concepts × S seeds × {LoRA, Vanilla T-LoRA, T-LoRA} × ranks.
 
-    python -m benchmarks.toyworld [--quick] [--concepts K] [--seeds S] [--steps N] [--out benchmarks/toyworld.md]
+    python -m benchmarks.toyworld [--quick] [--concepts K] [--seeds S] [--steps N] [--jobs 2] [--out benchmarks/toyworld.md]
 
 Every run trains on one image of a concept and samples prompts that move it to other backgrounds and
 positions; metrics are read from the pixels (see tlora.toyworld.experiment). ``--quick`` is a smoke test
@@ -47,20 +47,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each (default 2)")
     ap.add_argument("--model", default=None, help="toy-world pipeline (default: the shipped one)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("toyworld.md")))
     a = ap.parse_args(argv)
+    if not 1 <= a.concepts <= len(CONCEPTS) or a.seeds < 1 or a.jobs < 1:
+        ap.error(f"--concepts must be 1..{len(CONCEPTS)}, --seeds and --jobs at least 1")
     if a.quick:
         a.concepts, a.seeds, a.ranks, a.steps, a.prompts = 1, 1, [4], 10, 2
     import warnings
     warnings.filterwarnings("ignore")
     methods = list(METHODS)
     t0 = time.time()
-    results = run_grid(Path(a.model) if a.model else default_model(), CONCEPTS[:a.concepts], list(range(a.seeds)),
-                       a.ranks, methods, a.steps, a.prompts, lr=a.lr)
+    results = run_grid(Path(a.model) if a.model else default_model(), list(range(a.concepts)), list(range(a.seeds)),
+                       a.ranks, methods, a.steps, a.prompts, lr=a.lr, jobs=a.jobs)
     minutes = (time.time() - t0) / 60
     cmd = "python -m benchmarks.toyworld" + (" --quick" if a.quick else
-                                               f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps} --lr {a.lr:g}")
+                                               f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps} --lr {a.lr:g} --jobs {a.jobs}")
     lines = ["# Toy world: T-LoRA vs LoRA from one image", "",
              f"Command: `{cmd}` ({minutes:.1f} min on this machine). {a.concepts} held-out concepts × {a.seeds} seeds, "
              f"{a.steps} training steps (batch 4, lr {a.lr:g}, LoRA on {' and '.join(TARGETS)} layers), {a.prompts} prompts per run that change background and "

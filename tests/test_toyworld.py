@@ -68,20 +68,40 @@ def test_quick_experiment_runs(tmp_path):
     assert "| 4 | LoRA |" in text and "| 4 | T-LoRA |" in text and "smoke test" in text
 
 
+def test_grid_runs_side_by_side_give_the_numbers_of_one_by_one(tmp_path):
+    # each of 2 workers runs cpu_count // 2 threads; one-by-one here with as many threads must give the same numbers
+    import os
+    from tlora.toyworld.experiment import default_model, run_grid
+    grid = dict(model=default_model(), concepts=[1], seeds=[0], ranks=[4], methods=["LoRA", "T-LoRA"], steps=3,
+                n_prompts=2, log=lambda s: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = run_grid(jobs=1, **grid)
+    finally:
+        torch.set_num_threads(threads)
+    together = run_grid(jobs=2, **grid)
+    assert [r.method for r in together] == ["LoRA", "T-LoRA"]
+    assert together == alone
+    assert any(r.text_alignment > 0 for r in alone)     # the numbers compared are not all zero
+
+
 def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_steps(tmp_path, capsys):
     from diffusers import DiffusionPipeline
     from tlora.toyworld.pretrain import main
     out = tmp_path / "tw"
-    assert main(["--out", str(out), "--vae-steps", "2", "--steps", "3", "--eval", "0", "--seed", "5", "--images", "64"]) == 0
+    assert main(["--out", str(out), "--vae-steps", "2", "--steps", "3", "--eval", "0", "--seed", "5", "--images", "64",
+                 "--high-noise", "0.5"]) == 0
     info = json.loads((out / "toyworld.json").read_text())
-    assert (info["seed"], info["vae_steps"], info["denoiser_steps"]) == (5, 2, 3)
+    assert (info["seed"], info["vae_steps"], info["denoiser_steps"], info["high_noise"]) == (5, 2, 3, 0.5)
     assert not (tmp_path / "tw.partial").exists()
     pipe = DiffusionPipeline.from_pretrained(str(out))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     # --reproduce takes seed and step counts from the given model's toyworld.json
     again = tmp_path / "again"
     assert main(["--out", str(again), "--reproduce", str(out), "--eval", "0", "--images", "64"]) == 0
-    assert json.loads((again / "toyworld.json").read_text())["denoiser_steps"] == 3
+    redo = json.loads((again / "toyworld.json").read_text())
+    assert (redo["seed"], redo["denoiser_steps"], redo["high_noise"]) == (5, 3, 0.5)
     from safetensors.torch import load_file
     for sub in ("vae", "unet"):
         a = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))

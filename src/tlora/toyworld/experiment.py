@@ -108,22 +108,68 @@ class RunResult:
     concept_fidelity: float
 
 
-def run_grid(model: Path, concepts: List[Scene], seeds: List[int], ranks: List[int], methods: List[str], steps: int,
-             n_prompts: int, lr: float = LR, log=print) -> List[RunResult]:
-    from ..generate import load_pipeline
-    pipe = load_pipeline(str(model))
-    results = []
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: train one adapter, sample the concept's test prompts, score them."""
+    model: str
+    concept: int
+    seed: int
+    rank: int
+    method: str
+    steps: int
+    n_prompts: int
+    lr: float
+    workdir: str
+
+
+_PIPES: Dict[str, object] = {}   # per process: the base pipeline, loaded once
+
+
+def _pipe(model: str):
+    if model not in _PIPES:
+        from ..generate import load_pipeline
+        _PIPES[model] = load_pipeline(model)
+    return _PIPES[model]
+
+
+def run_one(run: Run) -> RunResult:
+    concept = CONCEPTS[run.concept]
+    scenes = test_prompts(concept, run.n_prompts, seed=run.concept)
+    out = Path(run.workdir) / f"c{run.concept}-s{run.seed}-r{run.rank}-{run.method.replace(' ', '_')}"
+    w = personalise(Path(run.model), concept, run.method, run.rank, run.steps, run.seed, out, lr=run.lr)
+    s = score(sample(_pipe(run.model), w, scenes, concept, run.seed), scenes, concept)
+    return RunResult(run.method, run.rank, run.concept, run.seed, **s)
+
+
+def _worker_init(threads: int) -> None:
+    import warnings
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+
+
+def run_grid(model: Path, concepts: List[int], seeds: List[int], ranks: List[int], methods: List[str], steps: int,
+             n_prompts: int, lr: float = LR, jobs: int = 1, log=print) -> List[RunResult]:
+    """Every (concept index, seed, rank, method) run, in that order.
+
+    ``jobs`` > 1 runs that many in separate processes, each with cpu_count // jobs torch threads: these
+    models are too small for two threads to share one run well, so two one-thread runs side by side finish
+    the grid in about 0.6× the time. A run's numbers depend on its seed only, not on which process ran it."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
     with tempfile.TemporaryDirectory() as tmp:
-        for ci, concept in enumerate(concepts):
-            scenes = test_prompts(concept, n_prompts, seed=ci)
-            for seed in seeds:
-                for rank in ranks:
-                    for method in methods:
-                        out = Path(tmp) / f"c{ci}-s{seed}-r{rank}-{method.replace(' ', '_')}"
-                        t0 = time.time()
-                        w = personalise(model, concept, method, rank, steps, seed, out, lr=lr)
-                        s = score(sample(pipe, w, scenes, concept, seed), scenes, concept)
-                        results.append(RunResult(method, rank, ci, seed, **s))
-                        log(f"concept {ci} seed {seed} rank {rank:>2} {method:<15} "
-                            f"TA {s['text_alignment']:.2f} CF {s['concept_fidelity']:.2f} ({time.time() - t0:.0f} s)")
-    return results
+        runs = [Run(str(model), ci, seed, rank, method, steps, n_prompts, lr, tmp)
+                for ci in concepts for seed in seeds for rank in ranks for method in methods]
+        jobs = max(1, min(jobs, len(runs)))
+        t0 = time.time()
+
+        def report(r: RunResult) -> RunResult:
+            log(f"concept {r.concept} seed {r.seed} rank {r.rank:>2} {r.method:<15} TA {r.text_alignment:.2f} "
+                f"CF {r.concept_fidelity:.2f} ({(time.time() - t0) / 60:.1f} min)")
+            return r
+        if jobs == 1:
+            return [report(run_one(r)) for r in runs]
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            return [report(r) for r in pool.map(run_one, runs)]

@@ -104,9 +104,14 @@ def dataset(n: int, seed: int):
 
 
 def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, seed: int = 0, n_images: int = 16000,
-                   log=print, steps: int = None) -> int:
+                   log=print, steps: int = None, high_noise: float = 0.0, eval_every: int = 0) -> int:
     """Train for ``steps`` steps (cosine decay over them), or, when None, for ``seconds`` (cosine decay over
-    the number of steps estimated from the first 20)."""
+    the number of steps estimated from the first 20).
+
+    ``high_noise``: share of each batch whose timestep is drawn from the noisier half [500, 1000) instead of
+    [0, 1000). Where the object goes is decided at those steps (below t ≈ 500 it is already visible in the
+    noisy latent), so weighting them is what makes position following learned reliably.
+    ``eval_every``: log the caption-following figure (40 captions) every that many steps (0 = never)."""
     from diffusers import DDPMScheduler
     scenes, caps = dataset(n_images, seed)
     with torch.no_grad():
@@ -142,6 +147,9 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
         tok[torch.rand(batch, generator=g) < 0.1] = empty         # caption dropout, for guidance
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
+        if high_noise:
+            noisy_half = torch.rand(batch, generator=g) < high_noise
+            t = torch.where(noisy_half, 500 + t // 2, t)
         noisy = sched.add_noise(x, noise, t)
         target = sched.get_velocity(x, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
@@ -153,6 +161,12 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
         step += 1
         if step % 100 == 0:
             log(f"denoiser step {step} loss {loss.item():.4f} lr {lr:.2e} ({elapsed / 60:.1f} min)")
+        if eval_every and step % eval_every == 0:
+            unet.eval()
+            text.eval()
+            log(f"denoiser step {step} caption following {json.dumps(caption_following(assemble(vae, text, unet, tokenizer), 40))}")
+            unet.train()
+            text.train()
     unet.eval()
     text.eval()
     return step
@@ -202,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once)")
     ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure")
+    ap.add_argument("--high-noise", type=float, default=0.0, help="share of timesteps drawn from [500, 1000)")
+    ap.add_argument("--eval-every", type=int, default=0, help="log caption following every N denoiser steps")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
     import warnings
     warnings.filterwarnings("ignore")
@@ -219,18 +236,22 @@ def main(argv=None) -> int:
             shipped = json.loads((Path(a.reproduce) / "toyworld.json").read_text())
             a.seed, a.vae_steps, a.steps = shipped["seed"], shipped["vae_steps"], shipped["denoiser_steps"]
             a.images = shipped.get("images", a.images)
+            a.high_noise = shipped.get("high_noise", 0.0)
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     t0 = time.time()
     tok = build_tokenizer()
     vae, text, unet = build_models(tok, a.seed)
     log = lambda s: print(s, flush=True)  # noqa: E731
     vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log, steps=a.vae_steps)
     steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * (1 - a.vae_share), seed=a.seed, log=log,
-                           steps=a.steps, n_images=a.images)
+                           steps=a.steps, n_images=a.images, high_noise=a.high_noise,
+                           eval_every=a.eval_every)
     pipe = assemble(vae, text, unet, tok)
     score = caption_following(pipe, a.eval) if a.eval else {}
-    info = {"seed": a.seed, "minutes": a.minutes, "images": a.images, "vae_steps": vae_steps, "denoiser_steps": steps,
+    info = {"seed": a.seed, "minutes": a.minutes, "images": a.images, "high_noise": a.high_noise, "vae_steps": vae_steps, "denoiser_steps": steps,
             "train_seconds": round(time.time() - t0),
             "caption_following": score, "torch": torch.__version__}
     # write next to the target and rename, so a killed run never leaves a half-saved pipeline behind
