@@ -15,7 +15,6 @@ backward, counted once (saved_tensors_hooks; CPU PyTorch has no allocator statis
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import platform
@@ -258,7 +257,8 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tlora.errors import OneLineParser
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no full-size SDXL")
     ap.add_argument("--no-full-sdxl", action="store_true", help="skip the setup benchmark on full-size SDXL")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.md")))

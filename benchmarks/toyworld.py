@@ -8,7 +8,6 @@ positions; metrics are read from the pixels (see tlora.toyworld.experiment). ``-
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ def table(results, ranks, methods) -> list[str]:
 
 def main(argv=None) -> int:
     from tlora.toyworld.experiment import CONCEPTS, LR, METHODS, STEPS, TARGETS, default_model, run_grid
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tlora.errors import OneLineParser
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--concepts", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=2)

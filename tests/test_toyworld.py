@@ -112,4 +112,5 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "x"), "--reproduce", str(tmp_path / "nowhere")])
-    assert e.value.code == 2 and "toyworld.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "toyworld.json" in err and len(err.strip().splitlines()) == 1

@@ -10,12 +10,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+from .errors import OneLineParser as _Parser
 from .errors import UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

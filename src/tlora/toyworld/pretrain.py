@@ -17,7 +17,6 @@ colour and position, read from the pixels, match the caption.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -204,7 +203,8 @@ def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, gui
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="pretrain the toy world's base pipeline")
+    from ..errors import OneLineParser
+    ap = OneLineParser(description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
     ap.add_argument("--minutes", type=float, default=22.0, help="total budget")
     ap.add_argument("--vae-share", type=float, default=0.32, help="share of the budget for the VAE")
