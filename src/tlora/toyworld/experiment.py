@@ -152,8 +152,8 @@ def run_grid(model: Path, concepts: List[int], seeds: List[int], ranks: List[int
     """Every (concept index, seed, rank, method) run, in that order.
 
     ``jobs`` > 1 runs that many in separate processes, each with cpu_count // jobs torch threads: these
-    models are too small for two threads to share one run well, so two one-thread runs side by side finish
-    the grid in about 0.6× the time. A run's numbers depend on its seed only, not on which process ran it."""
+    models are too small for two threads to share one run well (on 2 cores, two one-thread pretraining
+    processes did about 1.6× the steps of one two-thread process; the grid itself is not timed yet). A run's numbers depend on its seed only, not on which process ran it."""
     import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context

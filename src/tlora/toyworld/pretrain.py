@@ -109,7 +109,8 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
 
     ``high_noise``: share of each batch whose timestep is drawn from the noisier half [500, 1000) instead of
     [0, 1000). Where the object goes is decided at those steps (below t ≈ 500 it is already visible in the
-    noisy latent), so weighting them is what makes position following learned reliably.
+    noisy latent). Measured once each (seed 0, 3,100 steps): 0.0 left position at chance throughout, 0.5
+    took it to 100 % by step 1,500.
     ``eval_every``: log the caption-following figure (40 captions) every that many steps (0 = never)."""
     from diffusers import DDPMScheduler
     scenes, caps = dataset(n_images, seed)
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
             a.high_noise = shipped.get("high_noise", 0.0)
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
+    if not 0.0 <= a.high_noise <= 1.0 or a.eval_every < 0 or (a.threads is not None and a.threads < 1):
+        ap.error("--high-noise must be in [0, 1], --eval-every at least 0, --threads at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
