@@ -45,6 +45,10 @@ def test_tokenizer_gives_one_token_per_word():
     toks = tok.convert_ids_to_tokens(tok(cap)["input_ids"])[1:-1]
     assert toks == [w + "</w>" for w in cap.replace(",", " ,").split()]
     assert {w.strip(",") + "</w>" for w in vocabulary()} <= set(tok.get_vocab())
+    for w in {w.strip(",") for w in vocabulary()}:
+        assert len(tok(w)["input_ids"]) == 3, w                # <start> word <end>
+    # the tokenizers trainer numbers tokens in hash order; ours must not depend on it (it seeds embedding rows)
+    assert all(build_tokenizer().get_vocab() == tok.get_vocab() for _ in range(3))
 
 
 def test_shipped_model_loads_with_stock_diffusers_and_is_small():
@@ -114,3 +118,14 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
         main(["--out", str(tmp_path / "x"), "--reproduce", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "toyworld.json" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", [["--high-noise", "2"], ["--high-noise", "-0.1"], ["--eval-every", "-1"],
+                                 ["--threads", "0"], ["--steps", "many"]])
+def test_pretraining_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path, capsys, bad):
+    from tlora.toyworld.pretrain import main
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "tw"), "--vae-steps", "2", "--steps", "3"] + bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and bad[0] in err
+    assert list(tmp_path.iterdir()) == []

@@ -44,7 +44,11 @@ def build_tokenizer():
     bpe.train_from_iterator([" ".join(words)] * 50, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+    # The trainer numbers tokens in hash-map order, which changes from call to call; number them in a fixed order
+    # so the text encoder's embedding rows, and so a whole pretraining run, depend only on the seed.
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    order = sorted(model["vocab"], key=lambda t: (specials.index(t) if t in specials else 2, len(t), t))
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(order)}, merges=merges, model_max_length=77)
 
 
 def build_models(tokenizer, seed: int = 0):
