@@ -94,10 +94,15 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
     from diffusers import DiffusionPipeline
     from tlora.toyworld.pretrain import main
     out = tmp_path / "tw"
-    assert main(["--out", str(out), "--vae-steps", "2", "--steps", "3", "--eval", "0", "--seed", "5", "--images", "64",
-                 "--high-noise", "0.5"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--out", str(out), "--vae-steps", "2", "--steps", "3", "--eval", "0", "--seed", "5",
+                     "--images", "64", "--high-noise", "0.25", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     info = json.loads((out / "toyworld.json").read_text())
-    assert (info["seed"], info["vae_steps"], info["denoiser_steps"], info["high_noise"]) == (5, 2, 3, 0.5)
+    assert (info["seed"], info["vae_steps"], info["denoiser_steps"], info["high_noise"]) == (5, 2, 3, 0.25)
+    assert (info["minutes"], info["threads"]) == (None, 1)     # step counts given: no time budget was used
     assert not (tmp_path / "tw.partial").exists()
     pipe = DiffusionPipeline.from_pretrained(str(out))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -105,7 +110,7 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
     again = tmp_path / "again"
     assert main(["--out", str(again), "--reproduce", str(out), "--eval", "0", "--images", "64"]) == 0
     redo = json.loads((again / "toyworld.json").read_text())
-    assert (redo["seed"], redo["denoiser_steps"], redo["high_noise"]) == (5, 3, 0.5)
+    assert (redo["seed"], redo["denoiser_steps"], redo["high_noise"]) == (5, 3, 0.25)   # not the default 0.5
     from safetensors.torch import load_file
     for sub in ("vae", "unet"):
         a = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))

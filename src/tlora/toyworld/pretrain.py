@@ -1,6 +1,7 @@
 """Pretrain the toy world's base model: a stock diffusers StableDiffusionPipeline, small enough to ship.
 
-    python -m tlora.toyworld.pretrain --out src/tlora/assets/toyworld [--minutes 22 | --vae-steps N --steps M] [--seed 0]
+    python -m tlora.toyworld.pretrain --out DIR --vae-steps 1225 --steps 3100 --seed 0   # how the shipped model was made
+    python -m tlora.toyworld.pretrain --out DIR --minutes 22     # a time budget instead of step counts
     python -m tlora.toyworld.pretrain --out /tmp/toyworld --reproduce src/tlora/assets/toyworld   # same seed, same steps
     python -m tlora.toyworld.pretrain --evaluate src/tlora/assets/toyworld      # caption-following figure
 
@@ -107,7 +108,7 @@ def dataset(n: int, seed: int):
 
 
 def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, seed: int = 0, n_images: int = 16000,
-                   log=print, steps: int = None, high_noise: float = 0.0, eval_every: int = 0) -> int:
+                   log=print, steps: int = None, high_noise: float = 0.5, eval_every: int = 0) -> int:
     """Train for ``steps`` steps (cosine decay over them), or, when None, for ``seconds`` (cosine decay over
     the number of steps estimated from the first 20).
 
@@ -221,7 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once)")
     ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure")
-    ap.add_argument("--high-noise", type=float, default=0.0, help="share of timesteps drawn from [500, 1000)")
+    ap.add_argument("--high-noise", type=float, default=0.5,
+                    help="share of timesteps drawn from [500, 1000) (default 0.5; 0 = uniform, which left "
+                         "position at chance in a logged run)")
     ap.add_argument("--eval-every", type=int, default=0, help="log caption following every N denoiser steps")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
@@ -258,8 +261,9 @@ def main(argv=None) -> int:
                            eval_every=a.eval_every)
     pipe = assemble(vae, text, unet, tok)
     score = caption_following(pipe, a.eval) if a.eval else {}
-    info = {"seed": a.seed, "minutes": a.minutes, "images": a.images, "high_noise": a.high_noise, "vae_steps": vae_steps, "denoiser_steps": steps,
-            "train_seconds": round(time.time() - t0),
+    budget = a.minutes if a.vae_steps is None or a.steps is None else None    # only when a budget set steps
+    info = {"seed": a.seed, "minutes": budget, "images": a.images, "high_noise": a.high_noise, "vae_steps": vae_steps, "denoiser_steps": steps,
+            "train_seconds": round(time.time() - t0), "threads": torch.get_num_threads(),
             "caption_following": score, "torch": torch.__version__}
     # write next to the target and rename, so a killed run never leaves a half-saved pipeline behind
     partial = out.with_name(out.name + ".partial")
