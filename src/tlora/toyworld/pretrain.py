@@ -216,8 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-share", type=float, default=0.32, help="share of the budget for the VAE")
     ap.add_argument("--vae-steps", type=int, help="VAE steps instead of its time budget")
     ap.add_argument("--steps", type=int, help="denoiser steps instead of the time budget (cosine decay over them)")
-    ap.add_argument("--reproduce", metavar="MODEL", help="take the seed and step counts from MODEL/toyworld.json "
-                                                          "(e.g. the shipped model) instead of a time budget")
+    ap.add_argument("--reproduce", metavar="MODEL", help="take the seed, step counts, --high-noise and thread count "
+                                                          "from MODEL/toyworld.json (e.g. the shipped model)")
     ap.add_argument("--evaluate", metavar="MODEL", help="only print the caption-following figure of a pipeline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once)")
@@ -245,6 +245,7 @@ def main(argv=None) -> int:
             a.seed, a.vae_steps, a.steps = shipped["seed"], shipped["vae_steps"], shipped["denoiser_steps"]
             a.images = shipped.get("images", a.images)
             a.high_noise = shipped.get("high_noise", 0.0)
+            a.threads = a.threads or shipped.get("threads")    # float sums depend on the thread count
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
     if not 0.0 <= a.high_noise <= 1.0 or a.eval_every < 0 or (a.threads is not None and a.threads < 1):
