@@ -97,11 +97,12 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
     threads = torch.get_num_threads()
     try:
         assert main(["--out", str(out), "--vae-steps", "2", "--steps", "3", "--eval", "0", "--seed", "5",
-                     "--images", "64", "--high-noise", "0.25", "--threads", "1"]) == 0
+                     "--images", "64", "--high-noise", "0.25", "--noisy-from", "900", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     info = json.loads((out / "toyworld.json").read_text())
-    assert (info["seed"], info["vae_steps"], info["denoiser_steps"], info["high_noise"]) == (5, 2, 3, 0.25)
+    assert (info["seed"], info["vae_steps"], info["denoiser_steps"], info["high_noise"], info["noisy_from"]) == \
+        (5, 2, 3, 0.25, 900)
     assert (info["minutes"], info["threads"]) == (None, 1)     # step counts given: no time budget was used
     assert not (tmp_path / "tw.partial").exists()
     pipe = DiffusionPipeline.from_pretrained(str(out))
@@ -114,7 +115,8 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
     finally:
         torch.set_num_threads(threads)
     redo = json.loads((again / "toyworld.json").read_text())
-    assert (redo["seed"], redo["denoiser_steps"], redo["high_noise"], redo["threads"]) == (5, 3, 0.25, 1)
+    assert (redo["seed"], redo["denoiser_steps"], redo["high_noise"], redo["noisy_from"], redo["threads"]) == \
+        (5, 3, 0.25, 900, 1)
     from safetensors.torch import load_file
     for sub, name in (("vae", "diffusion_pytorch_model"), ("unet", "diffusion_pytorch_model"),
                       ("text_encoder", "model")):
@@ -133,7 +135,8 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
 
 
 @pytest.mark.parametrize("bad", [["--high-noise", "2"], ["--high-noise", "-0.1"], ["--eval-every", "-1"],
-                                 ["--threads", "0"], ["--steps", "many"]])
+                                 ["--threads", "0"], ["--steps", "many"],
+                                 ["--noisy-from", "1000"], ["--noisy-from", "-1"]])
 def test_pretraining_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path, capsys, bad):
     from tlora.toyworld.pretrain import main
     with pytest.raises(SystemExit) as e:
