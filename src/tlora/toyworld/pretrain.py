@@ -212,24 +212,28 @@ def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, gui
 
 def main(argv=None) -> int:
     from ..errors import OneLineParser
-    ap = OneLineParser(description="pretrain the toy world's base pipeline")
+    ap = OneLineParser(prog="python -m tlora.toyworld.pretrain", description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
-    ap.add_argument("--minutes", type=float, default=22.0, help="total budget")
-    ap.add_argument("--vae-share", type=float, default=0.32, help="share of the budget for the VAE")
+    ap.add_argument("--minutes", type=float, default=22.0,
+                    help="total time budget in minutes when no step counts are given (default 22)")
+    ap.add_argument("--vae-share", type=float, default=0.32, help="share of the time budget for the VAE (default 0.32)")
     ap.add_argument("--vae-steps", type=int, help="VAE steps instead of its time budget")
     ap.add_argument("--steps", type=int, help="denoiser steps instead of the time budget (cosine decay over them)")
-    ap.add_argument("--reproduce", metavar="MODEL", help="take the seed, step counts, --high-noise and thread count "
-                                                          "from MODEL/toyworld.json (e.g. the shipped model)")
+    ap.add_argument("--reproduce", metavar="MODEL", help="take the seed, step counts, --high-noise, --noisy-from and "
+                                                          "thread count from MODEL/toyworld.json (e.g. the shipped "
+                                                          "model)")
     ap.add_argument("--evaluate", metavar="MODEL", help="only print the caption-following figure of a pipeline")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once)")
-    ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the scenes, the weights and the noise (default 0)")
+    ap.add_argument("--images", type=int, default=16000, help="pretraining scenes (captioned, encoded once; default 16000)")
+    ap.add_argument("--eval", type=int, default=100, help="captions for the caption-following figure (default 100)")
     ap.add_argument("--high-noise", type=float, default=0.8,
                     help="share of timesteps drawn from [--noisy-from, 1000) (default 0.8; 0 = uniform, which "
                          "left position at chance in 3 of 4 logged runs)")
     ap.add_argument("--noisy-from", type=int, default=800,
                     help="the --high-noise share is drawn from [N, 1000) (default 800)")
-    ap.add_argument("--eval-every", type=int, default=0, help="log caption following every N denoiser steps")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="log caption following on 40 captions every N denoiser steps (default 0: never)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
     import warnings
@@ -253,10 +257,12 @@ def main(argv=None) -> int:
             a.threads = a.threads or shipped.get("threads")    # float sums depend on the thread count
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
-    if not 0.0 <= a.high_noise <= 1.0 or a.eval_every < 0 or (a.threads is not None and a.threads < 1) \
-            or not 0 <= a.noisy_from < 1000:
-        ap.error("--high-noise must be in [0, 1], --noisy-from in [0, 1000), --eval-every at least 0, "
-                 "--threads at least 1")
+    for bad, rule in [(not 0.0 <= a.high_noise <= 1.0, f"--high-noise {a.high_noise} must be in [0, 1]"),
+                      (not 0 <= a.noisy_from < 1000, f"--noisy-from {a.noisy_from} must be in [0, 1000)"),
+                      (a.eval_every < 0, f"--eval-every {a.eval_every} must be at least 0"),
+                      (a.threads is not None and a.threads < 1, f"--threads {a.threads} must be at least 1")]:
+        if bad:
+            ap.error(rule)
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
