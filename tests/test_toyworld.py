@@ -1,6 +1,9 @@
-"""The toy world: scenes read back from pixels, the tokenizer, the shipped model, the experiment's smoke run."""
+"""The toy world: scenes read back from pixels, the tokenizer, the shipped model, pretraining, the demo, the
+experiment's smoke run."""
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +149,54 @@ def test_pretraining_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path
     named = [f for f in ("--high-noise", "--noisy-from", "--eval-every", "--threads", "--steps") if f in err]
     assert named == [bad[0]]                  # the line names the one flag that is wrong, not every rule
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_prints_the_shipped_models_caption_following(capsys):
+    # Done-when: the caption-following figure is printed by a command; it is the one recorded beside the weights
+    from tlora.toyworld.experiment import default_model
+    from tlora.toyworld.pretrain import main
+    assert main(["--evaluate", str(default_model())]) == 0           # 100 captions, DDIM 25 steps, guidance 3
+    printed = json.loads(capsys.readouterr().out)
+    recorded = json.loads((default_model() / "toyworld.json").read_text())["caption_following"]
+    assert printed.keys() == recorded.keys()
+    assert all(abs(printed[k] - recorded[k]) <= 0.02 for k in printed), (printed, recorded)
+    assert printed["background"] >= 0.8 and printed["position"] >= 0.8     # the issue's bar
+
+
+def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp_path, capsys):
+    from PIL import Image
+    from tlora.cli import main
+    from tlora.toyworld.experiment import CONCEPTS, default_model
+    from tlora.toyworld.world import render
+    from tlora.weights import read_header
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--rank", "4"]) == 0
+    text = capsys.readouterr().out
+    scores = re.findall(r"(LoRA|T-LoRA)\s+text alignment ([\d.]+)\s+concept fidelity ([\d.]+)", text)
+    assert [s[0] for s in scores] == ["LoRA", "T-LoRA"]
+    assert all(0.0 <= float(v) <= 1.0 for s in scores for v in s[1:])
+    sheet = Image.open(out / "lora-vs-tlora.png")
+    assert sheet.size == (7 * 32 * 4, 3 * 32 * 4)      # training image + 6 prompts, 3 rows, 32 px scaled ×4
+    # column 1 of every row is the training image, drawn by the world itself
+    reference = render(CONCEPTS[0]).resize((128, 128), Image.Resampling.NEAREST).convert("RGB")
+    for row in range(3):
+        tile = sheet.convert("RGB").crop((0, row * 128, 128, (row + 1) * 128))
+        assert np.array_equal(np.asarray(tile), np.asarray(reference)), row
+    tlora_h = read_header(out / "T-LoRA" / "run" / "tlora.safetensors")
+    lora_h = read_header(out / "LoRA" / "run" / "tlora.safetensors")
+    assert Path(tlora_h["base_model"]) == default_model()
+    assert (tlora_h["variant"], tlora_h["config"]["rank"], tlora_h["training"]["config"]["max_steps"]) == \
+        ("ortho", 4, 3)
+    # plain LoRA is stored as an adapter whose every rank is active at every timestep
+    assert all(m["min_rank"] == m["rank"] for m in lora_h["modules"].values())
+    assert any(m["min_rank"] < m["rank"] for m in tlora_h["modules"].values())
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--rank", "-1"]])
+def test_demo_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path, capsys, bad):
+    from tlora.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)] + bad) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and bad[0] in err
+    assert not out.exists()
