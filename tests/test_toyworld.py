@@ -200,3 +200,27 @@ def test_demo_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and bad[0] in err
     assert not out.exists()
+
+
+def test_the_published_toyworld_table_is_one_full_run_and_the_readme_shows_it():
+    # Done-when: benchmarks/toyworld.md holds the full table from one run, with the command that made it. The
+    # table must follow from the per-run lines below it (rounded to 2 places, so recomputing from them can move
+    # the last digit by one), cover 2 concepts × 2 seeds × 3 ranks × 3 methods, and the README must quote it.
+    from benchmarks.toyworld import table
+    from tlora.toyworld.experiment import METHODS, RunResult
+    root = Path(__file__).resolve().parent.parent
+    md = (root / "benchmarks" / "toyworld.md").read_text()
+    assert "Command: `python -m benchmarks.toyworld --concepts 2 --seeds 2 " in md
+    runs = [RunResult(m, int(r), int(c), int(s), float(ta), float(cf)) for c, s, r, m, ta, cf in
+            re.findall(r"^- c(\d+) s(\d+) r(\d+) (.+?): ([\d.]+) / ([\d.]+)$", md, re.M)]
+    assert len(runs) == 36 and len({(x.concept, x.seed, x.rank, x.method) for x in runs}) == 36
+    row = re.compile(r"^\| (\d+) \| ([^|]+?) \| \**([\d.]+)(?: ± ([\d.]+))?\** \| ([\d.]+)(?: ± ([\d.]+))? \|", re.M)
+    published = {(int(r), m): [float(v or 0) for v in vals] for r, m, *vals in row.findall(md)}
+    recomputed = {(int(r), m): [float(v or 0) for v in vals]
+                  for r, m, *vals in row.findall("\n".join(table(runs, [4, 16, 64], list(METHODS))))}
+    assert published.keys() == recomputed.keys() and len(published) == 9
+    for key in published:
+        assert np.allclose(published[key], recomputed[key], atol=0.011), key
+    readme = (root / "README.md").read_text()
+    quoted = {(int(r), m): [float(v or 0) for v in vals] for r, m, *vals in row.findall(readme)}
+    assert {k: quoted[k] for k in published} == published
