@@ -1,0 +1,138 @@
+"""Tiny denoisers twice: a diffusers model and the ComfyUI model holding the same weights through ComfyUI's
+own key maps (``unet_to_diffusers`` for UNets, ``convert_diffusers_mmdit`` for SD3 / Flux), and one call of
+each at a ComfyUI sigma. ComfyUI's model detection knows only real model sizes, so the UNet configs are
+written here and the Flux head count / rope axes are set after detection."""
+import torch
+
+from comfyui_env import comfyui
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+
+
+def diffusers_denoiser(family):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    torch.manual_seed(0)
+    if family in ("sd15", "sdxl"):
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True,
+                     projection_class_embeddings_input_dim=32 + 6 * 8) if family == "sdxl" else {}
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(32, 64), norm_num_groups=32,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=8, **extra).eval()
+    if family == "sd3":
+        return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+                                     pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16).eval()
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=(4, 6, 6), guidance_embeds=True).eval()
+
+
+def _unet_config(family):
+    cfg = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+           "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+           "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
+           "context_dim": 32, "use_linear_in_transformer": family == "sdxl", "adm_in_channels": None,
+           "use_temporal_resblock": False, "use_temporal_attention": False}
+    if family == "sdxl":
+        cfg.update(adm_in_channels=80, num_classes="sequential")
+    return cfg
+
+
+def comfy_patcher(family, den, dtype=torch.float32, manual_cast_dtype=None):
+    """A ComfyUI ModelPatcher (CPU) whose diffusion model holds ``den``'s weights; asserts every weight is set."""
+    comfyui()
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+    sd = {k: v.detach().clone() for k, v in den.state_dict().items()}
+    if family in ("sd15", "sdxl"):
+        config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(_unet_config(family))
+        config.unet_config.update(num_heads=8, num_head_channels=-1)   # SD1.5-style heads at every level
+        keys = comfy.utils.unet_to_diffusers(config.unet_config)
+        new_sd = {keys[k]: v for k, v in sd.items() if k in keys}
+    else:
+        new_sd = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+        unet_config = comfy.model_detection.detect_unet_config(new_sd, "")
+        if family == "flux":
+            unet_config.update(num_heads=2, axes_dim=[4, 6, 6], out_channels=4)
+            config = comfy.supported_models.Flux(unet_config)
+        else:
+            config = comfy.supported_models.SD3(unet_config)
+    config.set_inference_dtype(dtype, manual_cast_dtype)
+    model = config.get_model(new_sd, "")
+    missing = set(model.diffusion_model.state_dict()) - set(new_sd)
+    assert not missing, f"ComfyUI's key map left {sorted(missing)[:3]} unset"
+    model.load_model_weights(new_sd, "")
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def inputs(family, batch=2, seed=0):
+    """(latent x (B, C, 8, 8) in ComfyUI's space, conditioning dict) for one denoiser call."""
+    g = torch.Generator().manual_seed(seed)
+    ch = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 4}[family]
+    cond = {"context": torch.randn(batch, 7, 32, generator=g)}
+    if family != "sd15":
+        cond["pooled"] = torch.randn(batch, 32, generator=g)
+    return torch.randn(batch, ch, 8, 8, generator=g), cond
+
+
+def comfy_output(patcher, family, x, sigma, cond, transformer_options=None):
+    """The denoiser's raw prediction (ε or flow velocity) through ComfyUI's ``BaseModel.apply_model``, with the
+    patcher's wrappers as ComfyUI's sampler passes them."""
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([patcher])
+    model = patcher.model
+    s = torch.full((x.shape[0],), float(sigma)) if not torch.is_tensor(sigma) else sigma
+    kw = {}
+    if family == "sdxl":
+        kw["y"] = _sdxl_y(cond["pooled"])
+    elif family in ("sd3", "flux"):
+        kw["y"] = cond["pooled"]
+    if family == "flux":
+        kw["guidance"] = torch.full((x.shape[0],), 3.5)
+    opts = transformer_options if transformer_options is not None else {"wrappers": patcher.wrappers}
+    with torch.no_grad():
+        denoised = model.apply_model(x, s, c_crossattn=cond["context"], transformer_options=opts, **kw)
+    return (x - denoised) / s.reshape(-1, 1, 1, 1)
+
+
+_Y = {}
+
+
+def _sdxl_y(pooled):
+    """SDXL's ``y``: pooled text + sinusoidal embeddings of the six size ids, as diffusers builds them."""
+    return torch.cat([pooled, _Y["proj"](_Y["ids"].expand(pooled.shape[0], 6).flatten()).reshape(pooled.shape[0], -1)], 1)
+
+
+def diffusers_output(den, family, x, sigma, cond, model_sampling):
+    """The same prediction from the diffusers model, fed what a diffusers pipeline feeds it at that sigma."""
+    from tlora.families import _pack_flux
+    s = torch.full((x.shape[0],), float(sigma)) if not torch.is_tensor(sigma) else sigma
+    with torch.no_grad():
+        if family in ("sd15", "sdxl"):
+            t = model_sampling.timestep(s)
+            xin = model_sampling.calculate_input(s, x)
+            added = None
+            if family == "sdxl":
+                added = {"text_embeds": cond["pooled"], "time_ids": _Y["ids"].expand(x.shape[0], 6)}
+            return den(xin, t, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
+        if family == "sd3":
+            return den(hidden_states=x, timestep=s * 1000, encoder_hidden_states=cond["context"],
+                       pooled_projections=cond["pooled"]).sample
+        from diffusers import FluxPipeline
+        b, c, h, w = x.shape
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        out = den(hidden_states=_pack_flux(x), timestep=s, guidance=torch.full((b,), 3.5),
+                  pooled_projections=cond["pooled"], encoder_hidden_states=cond["context"],
+                  txt_ids=torch.zeros(cond["context"].shape[1], 3), img_ids=img_ids).sample
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def bind_sdxl(den):
+    """Remember the diffusers SDXL UNet's size-id projection (ComfyUI receives ``y`` already built)."""
+    _Y["proj"] = den.add_time_proj
+    _Y["ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
