@@ -81,12 +81,12 @@ def inputs(family, batch=2, seed=0):
 
 
 def comfy_output(patcher, family, x, sigma, cond, transformer_options=None):
-    """The denoiser's raw prediction (ε or flow velocity) through ComfyUI's ``BaseModel.apply_model``, with the
-    patcher's wrappers as ComfyUI's sampler passes them."""
+    """ComfyUI's denoised output (``BaseModel.apply_model``), with the patcher's wrappers as ComfyUI's sampler
+    passes them."""
     import comfy.model_management
     comfy.model_management.load_models_gpu([patcher])
     model = patcher.model
-    s = torch.full((x.shape[0],), float(sigma)) if not torch.is_tensor(sigma) else sigma
+    s = _per_sample(sigma, x.shape[0])
     kw = {}
     if family == "sdxl":
         kw["y"] = _sdxl_y(cond["pooled"])
@@ -96,11 +96,16 @@ def comfy_output(patcher, family, x, sigma, cond, transformer_options=None):
         kw["guidance"] = torch.full((x.shape[0],), 3.5)
     opts = transformer_options if transformer_options is not None else {"wrappers": patcher.wrappers}
     with torch.no_grad():
-        denoised = model.apply_model(x, s, c_crossattn=cond["context"], transformer_options=opts, **kw)
-    return (x - denoised) / s.reshape(-1, 1, 1, 1)
+        return model.apply_model(x, s, c_crossattn=cond["context"], transformer_options=opts, **kw)
 
 
 _Y = {}
+
+
+def _per_sample(sigma, batch):
+    """A float, a 0-d or a (B,) tensor → sigma (B,) float32."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+    return s.expand(batch).clone() if s.numel() == 1 else s
 
 
 def _sdxl_y(pooled):
@@ -109,9 +114,15 @@ def _sdxl_y(pooled):
 
 
 def diffusers_output(den, family, x, sigma, cond, model_sampling):
-    """The same prediction from the diffusers model, fed what a diffusers pipeline feeds it at that sigma."""
+    """The same from the diffusers model: fed what a diffusers pipeline feeds it at that sigma, its prediction
+    (ε or flow velocity) turned into the denoised latent by ComfyUI's ``model_sampling``."""
+    return model_sampling.calculate_denoised(_per_sample(sigma, x.shape[0]), _prediction(den, family, x, sigma, cond,
+                                                                                         model_sampling), x)
+
+
+def _prediction(den, family, x, sigma, cond, model_sampling):
     from tlora.families import _pack_flux
-    s = torch.full((x.shape[0],), float(sigma)) if not torch.is_tensor(sigma) else sigma
+    s = _per_sample(sigma, x.shape[0])
     with torch.no_grad():
         if family in ("sd15", "sdxl"):
             t = model_sampling.timestep(s)
