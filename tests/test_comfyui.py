@@ -2,8 +2,12 @@
 
 Every comparison is with the diffusers path: the same weights in a tiny diffusers denoiser, the same T-LoRA
 file under ``tlora.attach``."""
+import json
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
 
 import tlora
 from comfyui_env import comfyui, load_node_package, loras_folder
@@ -44,33 +48,104 @@ def twin(family):
     return den, comfy_patcher(family, den)
 
 
-@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_node_equals_diffusers_attach_at_every_sigma_of_a_10_step_schedule(family, variant, loras):
+def assert_node_equals_attach(family, den, base, patched, network):
+    """At every sigma of ComfyUI's 10-step schedule the patched ComfyUI model's denoised output equals the diffusers
+    denoiser's under ``tlora.attach(den, network)`` (1e-4), and the ranks recorded per call agree with
+    active_rank(t) and with the diffusers hook's."""
     from tlora.comfyui import attached
-    den, base = twin(family)
-    make_tlora(den, family, loras / f"{family}.safetensors", variant)
-    load = load_node_package()["Load T-LoRA"]()
-    (patched,) = load.load(base, f"{family}.safetensors", 1.0, True)
     tl = attached(patched)[0]
     tl.record = True
-    handle = tlora.attach(den, loras / f"{family}.safetensors", record=True)
+    handle = tlora.attach(den, network, record=True)
     ms = patched.get_model_object("model_sampling")
     x, cond = inputs(family)
     moved = 0.0
-    for s in sigmas(patched)[:-1]:
-        got = comfy_output(patched, family, x, s, cond)
-        want = diffusers_output(den, family, x, s, cond, ms)
-        assert (got - want).abs().max().item() < 1e-4, f"sigma {float(s)}"
-        moved = max(moved, (got - comfy_output(base, family, x, s, cond)).abs().max().item())
-    handle.detach()
+    try:
+        for s in sigmas(patched)[:-1]:
+            got = comfy_output(patched, family, x, s, cond)
+            want = diffusers_output(den, family, x, s, cond, ms)
+            assert (got - want).abs().max().item() < 1e-4, f"sigma {float(s)}"
+            moved = max(moved, (got - comfy_output(base, family, x, s, cond)).abs().max().item())
+    finally:
+        handle.detach()
     assert moved > 1e-3                                   # the adapter does act
     assert len(tl.steps) == 10
-    sched = next(iter(tl.network.schedules()))
     for (ts, ranks), (dts, dranks) in zip(tl.steps, handle.steps):
-        assert ranks[sched] == [tlora.active_rank(t, 8, 2, 1.0) for t in ts]
-        assert ranks[sched] == list(dranks)
-    assert [r[sched][0] for _, r in tl.steps][0] < [r[sched][0] for _, r in tl.steps][-1]   # noisy → few ranks
+        for sched, r in ranks.items():
+            assert r == [tlora.active_rank(t, sched.max_rank, sched.min_rank, sched.alpha) for t in ts]
+        assert next(iter(ranks.values())) == list(dranks)
+    first = next(iter(tl.steps[0][1].values()))[0]
+    last = next(iter(tl.steps[-1][1].values()))[0]
+    assert first < last                                   # noisy steps get fewer ranks
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_equals_diffusers_attach_at_every_sigma_of_a_10_step_schedule(family, variant, loras):
+    den, base = twin(family)
+    make_tlora(den, family, loras / f"{family}.safetensors", variant)
+    (patched,) = load_node_package()["Load T-LoRA"]().load(base, f"{family}.safetensors", 1.0, True)
+    network = tlora.load(loras / f"{family}.safetensors", den)
+    try:
+        assert_node_equals_attach(family, den, base, patched, network)
+    finally:
+        network.remove()
+
+
+def test_lycoris_file_made_by_lycoris_loads_without_typed_schedule_and_equals_tlora_load(loras, monkeypatch):
+    """SimpleTuner's form: LyCORIS ``create_lycoris(algo="tlora")``, its JSON in the ``lycoris_config`` metadata."""
+    lycoris = pytest.importorskip("lycoris")
+    from lycoris.modules import tlora as lyc_tlora
+    monkeypatch.setattr(lyc_tlora.gc, "collect", lambda *a: 0)   # LyCORIS's per-module gc.collect(): seconds
+    den, base = twin("sdxl")
+    lycoris.LycorisNetwork.apply_preset({"target_module": ["Attention"]})
+    net = lycoris.create_lycoris(den, 1.0, linear_dim=8, linear_alpha=4, algo="tlora")
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.loras:
+            m.q_layer.weight.add_(torch.randn(m.q_layer.weight.shape, generator=g) * 0.05)
+            m.p_layer.weight.add_(torch.randn(m.p_layer.weight.shape, generator=g) * 0.05)
+            m.lambda_layer.mul_(1.5)
+    net.save_weights(str(loras / "lyc.safetensors"), torch.float32, {"lycoris_config": json.dumps(
+        {"algo": "tlora", "linear_dim": 8, "linear_alpha": 4, "tlora_min_rank": 3, "tlora_alpha": 2.0})})
+    net.restore()
+    with pytest.warns(UserWarning, match="rebuilt"):
+        (patched,) = load_node_package()["Load T-LoRA"]().load(base, "lyc.safetensors", 1.0, True)
+    with pytest.warns(UserWarning, match="rebuilt"):
+        network = tlora.load(loras / "lyc.safetensors", den)
+    assert {(s.max_rank, s.min_rank, s.alpha) for s in network.schedules()} == {(8, 3, 2.0)}
+    try:
+        assert_node_equals_attach("sdxl", den, base, patched, network)
+    finally:
+        network.remove()
+
+
+@pytest.mark.parametrize("trainer", ["lora", "ortho_lora"])
+def test_official_checkpoint_with_hparams_beside_it_equals_tlora_load(trainer, loras):
+    from test_formats import official_checkpoint
+    den, base = twin("sdxl")
+    save_file(official_checkpoint(den, trainer, 4), str(loras / "official.safetensors"))
+    hp = {"lora_rank": 4, "min_rank": 2, "alpha_rank_scale": 1.0, "trainer_type": trainer, "sig_type": "last"}
+    (loras / "official.hparams.yml").write_text(yaml.safe_dump(hp))
+    (patched,) = load_node_package()["Load T-LoRA"]().load(base, "official.safetensors", 1.0, True)
+    network = tlora.load(loras / "official.safetensors", den, hparams=str(loras / "official.hparams.yml"))
+    try:
+        assert_node_equals_attach("sdxl", den, base, patched, network)
+    finally:
+        network.remove()
+
+
+def test_official_checkpoint_without_hparams_needs_the_schedule_typed_in(loras):
+    from test_formats import official_checkpoint
+    from tlora.comfyui import TLoRAComfyError, attached
+    den, base = twin("sdxl")
+    save_file(official_checkpoint(den, "ortho_lora", 4), str(loras / "bare.safetensors"))
+    load = load_node_package()["Load T-LoRA"]()
+    with pytest.raises(TLoRAComfyError, match="hparams.yml") as e:
+        load.load(base, "bare.safetensors", 1.0, True)
+    assert "\n" not in str(e.value)
+    (patched,) = load.load(base, "bare.safetensors", 1.0, True, min_rank=3, exponent=2.0)
+    assert {(s.max_rank, s.min_rank, s.alpha) for s in attached(patched)[0].schedules} == {(4, 3, 2.0)}
 
 
 def ksample(patcher, family, seed=0, steps=5):
