@@ -80,11 +80,12 @@ def inputs(family, batch=2, seed=0):
     return torch.randn(batch, ch, 8, 8, generator=g), cond
 
 
-def comfy_output(patcher, family, x, sigma, cond, transformer_options=None):
+def comfy_output(patcher, family, x, sigma, cond, load=True):
     """ComfyUI's denoised output (``BaseModel.apply_model``), with the patcher's wrappers as ComfyUI's sampler
     passes them."""
     import comfy.model_management
-    comfy.model_management.load_models_gpu([patcher])
+    if load:                                           # as a sampler does; load=False keeps a partial load
+        comfy.model_management.load_models_gpu([patcher])
     model = patcher.model
     s = _per_sample(sigma, x.shape[0])
     kw = {}
@@ -94,9 +95,9 @@ def comfy_output(patcher, family, x, sigma, cond, transformer_options=None):
         kw["y"] = cond["pooled"]
     if family == "flux":
         kw["guidance"] = torch.full((x.shape[0],), 3.5)
-    opts = transformer_options if transformer_options is not None else {"wrappers": patcher.wrappers}
     with torch.no_grad():
-        return model.apply_model(x, s, c_crossattn=cond["context"], transformer_options=opts, **kw)
+        return model.apply_model(x, s, c_crossattn=cond["context"], transformer_options={"wrappers": patcher.wrappers},
+                                 **kw)
 
 
 _Y = {}

@@ -193,3 +193,97 @@ def test_min_rank_equal_to_rank_equals_comfyui_lora_loader_on_our_plain_export(f
     # within 1e-4 of the largest latent value: the random tiny SD1.5 UNet drifts to |x| ≈ 270 over the run, and
     # merged (W + ΔW)x vs unmerged Wx + ΔWx differ by fp32 rounding (measured 2e-4 there, 1e-6 for SD3 / Flux)
     assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, ours.abs().max().item())
+
+
+def test_clones_sharing_a_base_never_see_the_tlora_and_removal_leaves_the_state_dict_bit_identical(loras):
+    import gc
+    den, base = twin("sd15")
+    make_tlora(den, "sd15", loras / "t.safetensors", std=0.2)
+    other = base.clone()
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    x, cond = inputs("sd15")
+    s = 3.0
+    ref_base, ref_other = comfy_output(base, "sd15", x, s, cond), comfy_output(other, "sd15", x, s, cond)
+    (patched,) = load_node_package()["Load T-LoRA"]().load(base, "t.safetensors", 1.0, True)
+    first = comfy_output(patched, "sd15", x, s, cond)
+    ksample(patched, "sd15")
+    assert torch.equal(comfy_output(base, "sd15", x, s, cond), ref_base)
+    assert torch.equal(comfy_output(other, "sd15", x, s, cond), ref_other)
+    assert torch.equal(comfy_output(patched, "sd15", x, s, cond), first)      # and back again
+    assert torch.equal(comfy_output(base, "sd15", x, s, cond), ref_base)
+    assert (first - ref_base).abs().max().item() > 1e-3
+    assert not base.attachments and not base.wrappers.get("apply_model")
+    del patched
+    gc.collect()
+    after = base.model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m._forward_hooks for m in base.model.modules())
+
+
+def test_two_tloras_stack_and_add_like_one_at_twice_the_strength(loras):
+    den, base = twin("flux")
+    make_tlora(den, "flux", loras / "t.safetensors")
+    load = load_node_package()["Load T-LoRA"]()
+    twice = load.load(load.load(base, "t.safetensors", 1.0, True)[0], "t.safetensors", 1.0, True)[0]
+    double = load.load(base, "t.safetensors", 2.0, True)[0]
+    x, cond = inputs("flux")
+    for s in (0.9, 0.4):
+        torch.testing.assert_close(comfy_output(twice, "flux", x, s, cond), comfy_output(double, "flux", x, s, cond),
+                                   atol=1e-5, rtol=0)
+
+
+def plain_lora(den, path, fold=False):
+    """A kohya LoRA file for ComfyUI's LoraLoader (our export of a rank-4 vanilla adapter); ``fold``: also add its
+    delta into ``den``'s weights, as a merged LoRA."""
+    from tlora.formats import read_state, write_state
+    net = tlora.inject(den, tlora.TLoRAConfig(rank=4, min_rank=4, variant="vanilla", target_module=("Attention",)))
+    perturb(net, seed=7, std=0.2)
+    net.family = "sd15"
+    tlora.save(net, path.with_suffix(".src"))
+    write_state("kohya", *read_state(path.with_suffix(".src")), path)
+    if fold:
+        with torch.no_grad():
+            for a in net.adapters.values():
+                a.base_layer.weight += a.delta_weight()
+    net.remove()
+
+
+@pytest.mark.parametrize("order", ["lora-then-tlora", "tlora-then-lora"])
+def test_tlora_stacked_with_a_plain_lora_equals_diffusers_with_the_lora_folded_in(order, loras):
+    """ComfyUI's LoraLoaderModelOnly (a kohya file) and our node in either order; diffusers: the same LoRA
+    folded into the weights, the T-LoRA attached."""
+    den, base = twin("sd15")
+    make_tlora(den, "sd15", loras / "t.safetensors")
+    plain_lora(den, loras / "lora.safetensors", fold=True)
+    nodes, load = comfyui(), load_node_package()["Load T-LoRA"]()
+    plain = nodes.LoraLoaderModelOnly().load_lora_model_only
+    if order == "lora-then-tlora":
+        model = load.load(plain(base, "lora.safetensors", 1.0)[0], "t.safetensors", 1.0, True)[0]
+    else:
+        model = plain(load.load(base, "t.safetensors", 1.0, True)[0], "lora.safetensors", 1.0)[0]
+    network = tlora.load(loras / "t.safetensors", den)
+    try:
+        assert_node_equals_attach("sd15", den, base, model, network)
+    finally:
+        network.remove()
+
+
+def test_low_vram_partial_loading_gives_the_full_load_output(loras):
+    """ComfyUI's partial load: every layer's weight cast per call and the plain LoRA applied as LowVramPatch."""
+    import comfy.model_management
+    den, base = twin("sd15")
+    make_tlora(den, "sd15", loras / "t.safetensors", std=0.2)
+    plain_lora(den, loras / "lora.safetensors")
+    model = load_node_package()["Load T-LoRA"]().load(
+        comfyui().LoraLoaderModelOnly().load_lora_model_only(base, "lora.safetensors", 1.0)[0], "t.safetensors", 1.0, True)[0]
+    x, cond = inputs("sd15")
+    full = [comfy_output(model, "sd15", x, s, cond) for s in (8.0, 1.0)]
+    comfy.model_management.unload_all_models()
+    model.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        assert model.model.model_lowvram and model.model.lowvram_patch_counter > 0
+        partial = [comfy_output(model, "sd15", x, s, cond, load=False) for s in (8.0, 1.0)]
+    finally:
+        model.unpatch_model(torch.device("cpu"))
+    for a, b in zip(partial, full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
