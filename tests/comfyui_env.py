@@ -64,16 +64,24 @@ def comfyui():
         import comfy.model_management  # noqa: F401  (parses --cpu)
     finally:
         sys.argv = argv
+    import folder_paths
+    scratch = Path(tempfile.mkdtemp(prefix="tlora-comfyui-"))    # ComfyUI's input/output/temp: never the checkout
+    folder_paths.set_input_directory(str(scratch / "input"))
+    folder_paths.set_output_directory(str(scratch / "output"))
+    folder_paths.set_temp_directory(str(scratch / "temp"))
     import nodes
     _state["nodes"] = nodes
     return nodes
 
 
 def load_node_package():
-    """Our node package, loaded by ComfyUI's own custom-node loader; returns its NODE_CLASS_MAPPINGS."""
+    """Our node package, loaded by ComfyUI's own custom-node loader (with the built-in sampler nodes, e.g.
+    BasicScheduler, that ComfyUI loads at start); returns our NODE_CLASS_MAPPINGS."""
     nodes = comfyui()
     if "package" not in _state:
         import asyncio
+        extra = comfyui_path() / "comfy_extras" / "nodes_custom_sampler.py"
+        assert asyncio.run(nodes.load_custom_node(str(extra), module_parent="comfy_extras"))
         assert asyncio.run(nodes.load_custom_node(str(NODE_PACKAGE)))
         _state["package"] = True
     return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in ("Load T-LoRA", "T-LoRA schedule")}
@@ -85,3 +93,39 @@ def loras_folder(path):
     folder_paths = importlib.import_module("folder_paths")
     folder_paths.add_model_folder_path("loras", str(path), is_default=True)
     return folder_paths
+
+
+class _Client:
+    """Where ComfyUI's server would push progress to a browser; no test reads it."""
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def run_prompt(prompt, out_dir):
+    """Validate and execute an API-format prompt with ComfyUI's own executor, images written under ``out_dir``.
+    Returns (success, {event: data}, the executor's history result)."""
+    import asyncio
+    comfyui()
+    folder_paths = importlib.import_module("folder_paths")
+    folder_paths.set_output_directory(str(out_dir))
+    folder_paths.set_temp_directory(str(out_dir / "temp"))
+    execution = importlib.import_module("execution")
+    valid = asyncio.run(execution.validate_prompt("tlora-test", prompt, None))
+    assert valid[0], f"ComfyUI rejected the prompt: {valid[1]} {valid[3]}"
+    args = importlib.import_module("comfy.cli_args").args          # the cache settings main.py passes
+    executor = execution.PromptExecutor(_Client(), cache_type=execution.CacheType.NONE,
+                                        cache_args={"lru": args.cache_lru, "ram": args.cache_ram})
+    executor.execute(prompt, "tlora-test", {}, valid[2])
+    return executor.success, dict(executor.status_messages), executor.history_result
+
+
+def register_test_node(name, cls):
+    """Make a test-only node class available to ComfyUI's executor (as a custom node package would)."""
+    nodes = comfyui()
+    nodes.NODE_CLASS_MAPPINGS[name] = cls

@@ -148,3 +148,33 @@ def bind_sdxl(den):
     """Remember the diffusers SDXL UNet's size-id projection (ComfyUI receives ``y`` already built)."""
     _Y["proj"] = den.add_time_proj
     _Y["ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+
+
+def tiny_checkpoint():
+    """(MODEL, CLIP, VAE) as CheckpointLoaderSimple returns them, for the tiny SD1.5 UNet: ComfyUI's own CLIP
+    (its SD1 tokenizer, a 2-layer text model of width 32) and VAE (AutoencoderKL, 32 channels, 8× downscale);
+    ComfyUI builds layers without initialising them, so the text model and VAE get seeded N(0, 0.02) weights
+    (norm scales 1)."""
+    comfyui()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    den = diffusers_denoiser("sd15")
+    clip_cfg = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                "max_position_embeddings": 77, "vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 49407,
+                "pad_token_id": 1, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 32}
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": clip_cfg}
+    torch.manual_seed(0)
+    clip = comfy.sd.CLIP(target=target)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (clip.cond_stage_model, vae.first_stage_model):
+            for name, t in module.state_dict(keep_vars=True).items():
+                if t.is_floating_point():
+                    t.copy_(torch.ones_like(t) if "norm" in name and name.endswith("weight") else
+                            torch.randn(t.shape, generator=g) * 0.02)
+    return comfy_patcher("sd15", den), clip, vae, den

@@ -317,3 +317,95 @@ def test_base_weights_in_comfyui_dtypes_keep_the_adapter_in_float32(dtype, manua
     effect = (out["fp32", "patched"] - out["fp32", "base"]).abs().max().item()
     assert err["patched"] <= 5 * err["base"] + 1e-5
     assert effect >= 4 * err["patched"]
+
+
+class TinyCheckpoint:
+    """Test-only stand-in for CheckpointLoaderSimple's *file* (no real checkpoint fits here): the same outputs."""
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "tests"
+    made = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {})}}
+
+    def load(self, ckpt_name):
+        return TinyCheckpoint.made[:3]
+
+
+@pytest.fixture
+def workflow(loras):
+    """The repository's API-format workflow, its checkpoint loader pointed at the tiny SD1.5 checkpoint, 64×64, 4 steps."""
+    from comfyui_env import NODE_PACKAGE, register_test_node
+    from comfyui_models import tiny_checkpoint
+    load_node_package()
+    TinyCheckpoint.made = tiny_checkpoint()
+    register_test_node("tiny checkpoint (tests)", TinyCheckpoint)
+    wf = json.loads((NODE_PACKAGE / "workflows" / "tlora-sdxl-api.json").read_text())
+    assert wf["1"]["class_type"] == "CheckpointLoaderSimple"
+    wf["1"]["class_type"] = "tiny checkpoint (tests)"
+    wf["5"]["inputs"].update(width=64, height=64)
+    wf["6"]["inputs"]["steps"] = wf["9"]["inputs"]["steps"] = 4
+    return wf
+
+
+def test_the_repository_workflow_runs_in_comfyuis_executor_and_the_mask_changes_the_image(workflow, loras, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from comfyui_env import run_prompt
+    make_tlora(TinyCheckpoint.made[3], "sd15", loras / "tlora.safetensors", std=0.3)
+    images = {}
+    for mask in (True, False):
+        workflow["2"]["inputs"]["mask"] = mask
+        ok, messages, history = run_prompt(workflow, tmp_path / str(mask))
+        assert ok and "execution_success" in messages, messages.get("execution_error")
+        saved = history["outputs"]["8"]["images"][0]
+        images[mask] = np.asarray(Image.open(tmp_path / str(mask) / saved["subfolder"] / saved["filename"]))
+        preview = history["outputs"]["11"]["images"][0]
+        plot = Image.open(tmp_path / str(mask) / "temp" / preview["subfolder"] / preview["filename"])
+        assert plot.size == (600, 350)
+    assert images[True].shape == (64, 64, 3)
+    assert np.abs(images[True].astype(int) - images[False].astype(int)).max() > 0
+
+
+def bad_files(loras):
+    """name → (bytes or a writer, what the one-line error must say)."""
+    import pickle
+    den = diffusers_denoiser("sd15")
+    make_tlora(den, "sd15", loras / "good.safetensors")
+    good = (loras / "good.safetensors").read_bytes()
+    wide = diffusers_denoiser("sd15")
+    cfg = dict(wide.config)
+    cfg["cross_attention_dim"] = 48
+    from diffusers import UNet2DConditionModel
+    make_tlora(UNet2DConditionModel(**cfg), "sd15", loras / "shapes.safetensors")
+    save_file({"foo.bar.weight": torch.zeros(2, 2)}, str(loras / "foreign.safetensors"))
+    (loras / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)
+    corrupt[-3] ^= 0xFF
+    (loras / "corrupt.safetensors").write_bytes(bytes(corrupt))
+    (loras / "pickle.ckpt").write_bytes(pickle.dumps({"state_dict": {}}))
+    xl = diffusers_denoiser("sdxl")
+    make_tlora(xl, "sdxl", loras / "sdxl.safetensors")
+    return {"foreign.safetensors": "unknown weights format",
+            "shapes.safetensors": "has weight shape",
+            "truncated.safetensors": "not a readable safetensors file",
+            "corrupt.safetensors": "checksum",
+            "pickle.ckpt": "not a readable safetensors file",
+            "sdxl.safetensors": "is a T-LoRA for sdxl, but this model is sd15"}
+
+
+def test_bad_files_are_one_clear_error_in_comfyuis_error_path_and_patch_nothing(workflow, loras, tmp_path):
+    from comfyui_env import run_prompt
+    cases = bad_files(loras)
+    base = TinyCheckpoint.made[0]
+    for name, says in cases.items():
+        workflow["2"]["inputs"]["lora_name"] = name
+        ok, messages, _ = run_prompt(workflow, tmp_path / name)
+        assert not ok
+        err = messages["execution_error"]
+        assert err["node_id"] == "2" and err["node_type"] == "Load T-LoRA"
+        assert says in err["exception_message"] and "\n" not in err["exception_message"].strip(), name
+        assert not base.attachments and not base.wrappers.get("apply_model")     # nothing patched
+    assert not any(m._forward_hooks for m in base.model.modules())
