@@ -409,3 +409,27 @@ def test_bad_files_are_one_clear_error_in_comfyuis_error_path_and_patch_nothing(
         assert says in err["exception_message"] and "\n" not in err["exception_message"].strip(), name
         assert not base.attachments and not base.wrappers.get("apply_model")     # nothing patched
     assert not any(m._forward_hooks for m in base.model.modules())
+
+
+def test_schedule_node_shows_the_ranks_the_sampler_runs(loras):
+    """The preview for KSampler's own sigmas lists, step by step, the ranks the masked KSampler run used."""
+    import comfy.samplers
+    from tlora.comfyui import attached
+    den, base = twin("sd3")
+    make_tlora(den, "sd3", loras / "t.safetensors", rank=16, min_rank=4, exponent=2.0)
+    nodes = load_node_package()
+    (patched,) = nodes["Load T-LoRA"]().load(base, "t.safetensors", 1.0, True)
+    tl = attached(patched)[0]
+    tl.record = True
+    ksample(patched, "sd3", steps=6)
+    sig = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 6)
+    image, table = nodes["T-LoRA schedule"]().preview(patched, sig)
+    lines = table.splitlines()
+    assert len(lines) == 7 and "R=16 Rmin=4 α=2" in lines[0]
+    used = [next(iter(r.values()))[0] for _, r in tl.steps]         # one CFG-batched call per step (euler)
+    shown = [int(line.split()[-1]) for line in lines[1:]]
+    assert shown == used == [4, 4, 4, 5, 7, 15]
+    assert [float(line.split()[2]) for line in lines[1:]] == [ts[0] for ts, _ in tl.steps]
+    assert image.shape == (1, 350, 600, 3) and 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+    with pytest.raises(ValueError, match="no T-LoRA"):
+        nodes["T-LoRA schedule"]().preview(base, sig)

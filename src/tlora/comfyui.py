@@ -372,6 +372,7 @@ def schedule_image(rows: List[dict]) -> torch.Tensor:
     steps = [r["step"] for r in rows]
     for name in rows[0]["ranks"]:
         ax.step(steps, [r["ranks"][name] for r in rows], where="mid", marker="o", label=name)
+    ax.set_title(f"T-LoRA active ranks at each of {len(rows)} sampler steps", fontsize=10)
     ax.set_xlabel("sampler step (noisy → clean)")
     ax.set_ylabel("active ranks")
     ax.set_ylim(bottom=0)
