@@ -433,3 +433,36 @@ def test_schedule_node_shows_the_ranks_the_sampler_runs(loras):
     assert image.shape == (1, 350, 600, 3) and 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
     with pytest.raises(ValueError, match="no T-LoRA"):
         nodes["T-LoRA schedule"]().preview(base, sig)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_per_sample_sigmas_in_one_call_equal_single_calls_with_per_module_ranks(family, loras):
+    """One batch, two sigmas: each sample is masked by its own t (the community node masks the batch by
+    the first sample's); modules of different ranks (module_algo_map) each follow their own schedule."""
+    from tlora.comfyui import attached
+    den, base = twin(family)
+    net = tlora.inject(den, tlora.TLoRAConfig(rank=8, min_rank=2, target_module=TABLE[family].target_module,
+                                              module_algo_map={("Attention" if family == "sdxl" else "FluxAttention"): {},
+                                                               **({"transformer_blocks.0.attn.to_k": {"rank": 4, "min_rank": 1}}
+                                                                  if family == "flux" else
+                                                                  {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k":
+                                                                   {"rank": 4, "min_rank": 1}})}))
+    perturb(net, std=0.2)
+    net.family = family
+    tlora.save(net, loras / "t.safetensors")
+    net.remove()
+    (patched,) = load_node_package()["Load T-LoRA"]().load(base, "t.safetensors", 1.0, True)
+    tl = attached(patched)[0]
+    tl.record = True
+    x, cond = inputs(family)
+    ms = patched.get_model_object("model_sampling")
+    pair = sigmas(patched)[[1, 8]]
+    both = comfy_output(patched, family, x, pair, cond)
+    for i in range(2):
+        one = comfy_output(patched, family, x[i:i + 1], pair[i], {k: v[i:i + 1] for k, v in cond.items()})
+        torch.testing.assert_close(both[i:i + 1], one, atol=1e-4, rtol=0)
+    ts, ranks = tl.steps[0]
+    assert len(ranks) == 2 and ts == [float(round(v, 3)) for v in
+                                      (ms.timestep(pair).double() * (1 if family == "sdxl" else 1000)).tolist()]
+    for sched, r in ranks.items():
+        assert r == [tlora.active_rank(t, sched.max_rank, sched.min_rank) for t in ts] and r[0] < r[1]

@@ -1,7 +1,7 @@
 """Model families: every per-family difference lives in this one table.
 
 ``timestep_scale`` turns what the pipeline passes to its denoiser into the training scale 0..T
-(diffusers 0.42, measured; see ../shared/REFERENCE.md §4):
+(diffusers 0.42, measured):
 
 | family | denoiser                 | timestep argument                      | scale |
 |--------|--------------------------|----------------------------------------|-------|

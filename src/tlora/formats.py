@@ -3,7 +3,7 @@ kohya files. Conversions are pure tensor maps between a *native state* — (tens
 tlora header) — and the other layouts; only reading LyCORIS needs the base model (its frozen tensors are
 re-derived from the base weight, as LyCORIS does).
 
-Key layouts (../shared/REFERENCE.md §5):
+Key layouts:
 
 * LyCORIS: ``lycoris_<path with _>.q_layer.weight | .p_layer.weight | .lambda_layer | .alpha``;
   SimpleTuner keeps the LyCORIS JSON in the metadata key ``lycoris_config``.
