@@ -1,16 +1,25 @@
 """Tiny denoisers twice: a diffusers model and the ComfyUI model holding the same weights through ComfyUI's
 own key maps (``unet_to_diffusers`` for UNets, ``convert_diffusers_mmdit`` for SD3 / Flux), and one call of
 each at a ComfyUI sigma. ComfyUI's model detection knows only real model sizes, so the UNet configs are
-written here and the Flux head count / rope axes are set after detection."""
+written here and the Flux head count / rope axes are set after detection. ComfyUI has no diffusers key map for
+Flux.2: its twin is built the other way round, a ComfyUI model with seeded weights converted to diffusers by
+diffusers' own single-file converter."""
 import torch
 
 from comfyui_env import comfyui
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2")
+FLUX2 = {"image_model": "flux2", "axes_dim": [4, 4, 4, 4], "num_heads": 2, "mlp_ratio": 3.0, "theta": 2000,
+         "out_channels": 16, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False,
+         "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3], "in_channels": 16,
+         "hidden_size": 32, "context_in_dim": 48, "patch_size": 1, "vec_in_dim": None, "depth": 1,
+         "depth_single_blocks": 1, "guidance_embed": False}
 
 
 def diffusers_denoiser(family):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    if family == "flux2":
+        return _flux2_pair()[0]
     torch.manual_seed(0)
     if family in ("sd15", "sdxl"):
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True,
@@ -48,6 +57,8 @@ def comfy_patcher(family, den, dtype=torch.float32, manual_cast_dtype=None):
     import comfy.supported_models
     import comfy.utils
     sd = {k: v.detach().clone() for k, v in den.state_dict().items()}
+    if family == "flux2":
+        return _flux2_pair(den, dtype, manual_cast_dtype)[1]
     if family in ("sd15", "sdxl"):
         config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(_unet_config(family))
         config.unet_config.update(num_heads=8, num_head_channels=-1)   # SD1.5-style heads at every level
@@ -70,12 +81,39 @@ def comfy_patcher(family, den, dtype=torch.float32, manual_cast_dtype=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def _flux2_pair(den=None, dtype=torch.float32, manual_cast_dtype=None):
+    """(diffusers Flux2Transformer2DModel, ComfyUI ModelPatcher) with the same seeded weights (``den``, when given,
+    must still hold them)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    comfyui()
+    config = comfy.supported_models.Flux2(dict(FLUX2))
+    config.set_inference_dtype(dtype, manual_cast_dtype)
+    model = config.get_model({}, "")
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.ones(t.shape) if k.endswith("scale") else torch.randn(t.shape, generator=g) * 0.1)
+          for k, t in model.diffusion_model.state_dict().items()}
+    twin = Flux2Transformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                   timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    twin.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
+    if den is not None:     # the seeded weights again: ``den`` must still hold them
+        mine = twin.state_dict()
+        assert all(torch.equal(v, mine[k]) for k, v in den.state_dict().items()), "flux2 twins need the seeded weights"
+    den = den if den is not None else twin
+    model.load_model_weights(sd, "")
+    cpu = torch.device("cpu")
+    return den, comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 def inputs(family, batch=2, seed=0):
     """(latent x (B, C, 8, 8) in ComfyUI's space, conditioning dict) for one denoiser call."""
     g = torch.Generator().manual_seed(seed)
-    ch = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 4}[family]
-    cond = {"context": torch.randn(batch, 7, 32, generator=g)}
-    if family != "sd15":
+    ch = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 4, "flux2": 16}[family]
+    cond = {"context": torch.randn(batch, 7, 48 if family == "flux2" else 32, generator=g)}
+    if family not in ("sd15", "flux2"):
         cond["pooled"] = torch.randn(batch, 32, generator=g)
     return torch.randn(batch, ch, 8, 8, generator=g), cond
 
@@ -135,6 +173,12 @@ def _prediction(den, family, x, sigma, cond, model_sampling):
         if family == "sd3":
             return den(hidden_states=x, timestep=s * 1000, encoder_hidden_states=cond["context"],
                        pooled_projections=cond["pooled"]).sample
+        if family == "flux2":
+            from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline as K
+            ids = K._prepare_latent_ids(x)
+            out = den(hidden_states=K._pack_latents(x), timestep=s, guidance=None, encoder_hidden_states=cond["context"],
+                      txt_ids=K._prepare_text_ids(cond["context"]), img_ids=ids).sample
+            return out.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
         from diffusers import FluxPipeline
         b, c, h, w = x.shape
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)

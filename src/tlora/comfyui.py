@@ -75,13 +75,39 @@ def family_of(model: comfy.model_base.BaseModel) -> str:
 
 
 def _diffusers_keys(model: comfy.model_base.BaseModel) -> dict:
-    """ComfyUI's own diffusers → ComfyUI key map for this model (as ``comfy.lora.model_lora_keys_unet``)."""
+    """ComfyUI's own diffusers → ComfyUI key map for this model (as ``comfy.lora.model_lora_keys_unet``); for
+    Flux.2, whose diffusers names ComfyUI's map does not know, diffusers' own converter (:func:`_flux2_keys`)."""
     unet_config = model.model_config.unet_config
+    if isinstance(model, comfy.model_base.Flux2):
+        return _flux2_keys(model)
     if isinstance(model, comfy.model_base.SD3):
         return comfy.utils.mmdit_to_diffusers(unet_config, output_prefix="diffusion_model.")
     if isinstance(model, comfy.model_base.Flux):
         return comfy.utils.flux_to_diffusers(unet_config, output_prefix="diffusion_model.")
     return {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(unet_config).items()}
+
+
+def _flux2_keys(model: comfy.model_base.BaseModel) -> dict:
+    """diffusers Flux.2 key → ComfyUI key (+ rows), read off diffusers' single-file converter (BFL / ComfyUI keys →
+    diffusers keys): it is run on probe tensors whose row i of ComfyUI weight number k holds k·2²⁰ + i, so each
+    diffusers weight names the ComfyUI rows it came from. Weights whose rows are not one contiguous block of one
+    ComfyUI weight (the swapped adaLN halves) are left out."""
+    try:
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    except ImportError:
+        raise TLoRAComfyError("Flux.2 models need diffusers >= 0.36 (its Flux.2 converter names the modules)") from None
+    shapes = {k: t.shape for k, t in model.diffusion_model.state_dict().items() if k.endswith(".weight") and t.dim() >= 2}
+    names = sorted(shapes)
+    probes = {k: (i * 2 ** 20 + torch.arange(shapes[k][0], dtype=torch.float64))[:, None] for i, k in enumerate(names)}
+    out = {}
+    for dkey, t in convert(probes).items():
+        ids = t[:, 0].long()
+        key, start = names[int(ids[0]) >> 20], int(ids[0]) & (2 ** 20 - 1)
+        if not torch.equal(ids, ids[0] + torch.arange(len(ids))):
+            continue
+        full = f"diffusion_model.{key}"
+        out[dkey] = full if len(ids) == shapes[key][0] else (full, (0, start, len(ids)))
+    return out
 
 
 def module_map(model: comfy.model_base.BaseModel) -> Dict[str, Target]:
