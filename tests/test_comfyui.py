@@ -78,37 +78,32 @@ def assert_node_equals_attach(family, den, base, patched, network):
     assert first < last                                   # noisy steps get fewer ranks
 
 
-@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_node_equals_diffusers_attach_at_every_sigma_of_a_10_step_schedule(family, variant, loras):
-    den, base = twin(family)
-    make_tlora(den, family, loras / f"{family}.safetensors", variant)
-    (patched,) = load_node_package()["Load T-LoRA"]().load(base, f"{family}.safetensors", 1.0, True)
-    network = tlora.load(loras / f"{family}.safetensors", den)
+def assert_node_equals_file(family, den, base, patched, path, **options):
+    """:func:`assert_node_equals_attach` with the network ``tlora.load(path, den, **options)`` gives."""
+    network = tlora.load(path, den, **options)
     try:
         assert_node_equals_attach(family, den, base, patched, network)
     finally:
         network.remove()
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_equals_diffusers_attach_at_every_sigma_of_a_10_step_schedule(family, variant, loras):
+    den, base = twin(family)
+    make_tlora(den, family, loras / f"{family}.safetensors", variant)
+    (patched,) = load_node_package()["Load T-LoRA"]().load(base, f"{family}.safetensors", 1.0, True)
+    assert_node_equals_file(family, den, base, patched, loras / f"{family}.safetensors")
+
+
 def test_lycoris_file_made_by_lycoris_loads_without_typed_schedule_and_equals_tlora_load(loras, monkeypatch):
     """SimpleTuner's form: LyCORIS ``create_lycoris(algo="tlora")``, its JSON in the ``lycoris_config`` metadata."""
-    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("lycoris")
     from lycoris.modules import tlora as lyc_tlora
+    from test_formats import lycoris_tlora_file
     monkeypatch.setattr(lyc_tlora.gc, "collect", lambda *a: 0)   # LyCORIS's per-module gc.collect(): seconds
     den, base = twin("sdxl")
-    lycoris.LycorisNetwork.apply_preset({"target_module": ["Attention"]})
-    net = lycoris.create_lycoris(den, 1.0, linear_dim=8, linear_alpha=4, algo="tlora")
-    net.apply_to()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in net.loras:
-            m.q_layer.weight.add_(torch.randn(m.q_layer.weight.shape, generator=g) * 0.05)
-            m.p_layer.weight.add_(torch.randn(m.p_layer.weight.shape, generator=g) * 0.05)
-            m.lambda_layer.mul_(1.5)
-    net.save_weights(str(loras / "lyc.safetensors"), torch.float32, {"lycoris_config": json.dumps(
-        {"algo": "tlora", "linear_dim": 8, "linear_alpha": 4, "tlora_min_rank": 3, "tlora_alpha": 2.0})})
-    net.restore()
+    lycoris_tlora_file(den, loras / "lyc.safetensors", 8, 4, 3, 2.0)
     with pytest.warns(UserWarning, match="rebuilt"):
         (patched,) = load_node_package()["Load T-LoRA"]().load(base, "lyc.safetensors", 1.0, True)
     with pytest.warns(UserWarning, match="rebuilt"):
@@ -128,11 +123,8 @@ def test_official_checkpoint_with_hparams_beside_it_equals_tlora_load(trainer, l
     hp = {"lora_rank": 4, "min_rank": 2, "alpha_rank_scale": 1.0, "trainer_type": trainer, "sig_type": "last"}
     (loras / "official.hparams.yml").write_text(yaml.safe_dump(hp))
     (patched,) = load_node_package()["Load T-LoRA"]().load(base, "official.safetensors", 1.0, True)
-    network = tlora.load(loras / "official.safetensors", den, hparams=str(loras / "official.hparams.yml"))
-    try:
-        assert_node_equals_attach("sdxl", den, base, patched, network)
-    finally:
-        network.remove()
+    assert_node_equals_file("sdxl", den, base, patched, loras / "official.safetensors",
+                            hparams=str(loras / "official.hparams.yml"))
 
 
 def test_official_checkpoint_without_hparams_needs_the_schedule_typed_in(loras):
@@ -261,11 +253,7 @@ def test_tlora_stacked_with_a_plain_lora_equals_diffusers_with_the_lora_folded_i
         model = load.load(plain(base, "lora.safetensors", 1.0)[0], "t.safetensors", 1.0, True)[0]
     else:
         model = plain(load.load(base, "t.safetensors", 1.0, True)[0], "lora.safetensors", 1.0)[0]
-    network = tlora.load(loras / "t.safetensors", den)
-    try:
-        assert_node_equals_attach("sd15", den, base, model, network)
-    finally:
-        network.remove()
+    assert_node_equals_file("sd15", den, base, model, loras / "t.safetensors")
 
 
 def test_low_vram_partial_loading_gives_the_full_load_output(loras):

@@ -38,18 +38,7 @@ def set_all_masks(net, k):
 @pytest.mark.parametrize("k", [2, 4])
 def test_lycoris_made_file_loads_and_matches_lycoris_output(tmp_path, k):
     unet = tiny_unet()
-    LycorisNetwork.apply_preset({"target_module": ["Attention"]})
-    net = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, algo="tlora")
-    net.apply_to()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in net.loras:
-            m.q_layer.weight.add_(torch.randn(m.q_layer.weight.shape, generator=g) * 0.05)
-            m.p_layer.weight.add_(torch.randn(m.p_layer.weight.shape, generator=g) * 0.05)
-            m.lambda_layer.mul_(1.2)
-    net.save_weights(str(tmp_path / "lyc.safetensors"), torch.float32,
-                     {"lycoris_config": json.dumps({"algo": "tlora", "linear_dim": 4, "linear_alpha": 2,
-                                                    "tlora_min_rank": 1, "tlora_alpha": 1.0})})
+    net = lycoris_tlora_file(unet, tmp_path / "lyc.safetensors", 4, 2, 1, 1.0, lambda_scale=1.2, restore=False)
     x, c = unet_io()
     lyc_tlora.set_timestep_mask((torch.arange(4) < k).float()[None])
     try:
@@ -65,6 +54,27 @@ def test_lycoris_made_file_loads_and_matches_lycoris_output(tmp_path, k):
     set_all_masks(ours, k)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 500, c).sample, expected, atol=1e-5, rtol=1e-5)
+
+
+def lycoris_tlora_file(model, path, linear_dim, linear_alpha, min_rank, exponent, lambda_scale=1.5, restore=True):
+    """A LyCORIS ``algo: tlora`` file as SimpleTuner writes it (``create_lycoris``, trained-looking tensors, the
+    LyCORIS JSON in the ``lycoris_config`` metadata). Returns the LyCORIS network (restored from ``model``
+    unless ``restore=False``)."""
+    LycorisNetwork.apply_preset({"target_module": ["Attention"]})
+    net = create_lycoris(model, 1.0, linear_dim=linear_dim, linear_alpha=linear_alpha, algo="tlora")
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.loras:
+            m.q_layer.weight.add_(torch.randn(m.q_layer.weight.shape, generator=g) * 0.05)
+            m.p_layer.weight.add_(torch.randn(m.p_layer.weight.shape, generator=g) * 0.05)
+            m.lambda_layer.mul_(lambda_scale)
+    net.save_weights(str(path), torch.float32, {"lycoris_config": json.dumps(
+        {"algo": "tlora", "linear_dim": linear_dim, "linear_alpha": linear_alpha, "tlora_min_rank": min_rank,
+         "tlora_alpha": exponent})})
+    if restore:
+        net.restore()
+    return net
 
 
 class _nothing:
