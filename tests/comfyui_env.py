@@ -6,7 +6,9 @@ skip with the reason, unless $TLORA_REQUIRE_COMFYUI is set (``.ci/run`` sets it)
 ComfyUI's core imports ``torchvision`` for models no test builds (Cosmos). The package registry's torchvision
 wheels are CUDA builds that cannot load beside the CPU torch, so — only when the real one cannot be
 imported — an empty ``torchvision`` package (``torchvision.transforms`` included) is put on ``sys.path``
-for this process. diffusers and transformers are imported before it: they probe for torchvision.
+while ComfyUI's modules are imported, and taken away after (from ``sys.path`` and ``sys.modules``), so
+that no later import in this process or its workers finds it. diffusers and transformers are imported
+before it: they probe for torchvision.
 """
 import importlib
 import os
@@ -29,17 +31,28 @@ def comfyui_path():
     return None
 
 
-def _torchvision_or_stub():
+def _torchvision_stub():
+    """The folder of an empty torchvision package put on sys.path, or None when the real one imports."""
     try:
         import torchvision  # noqa: F401
-        return
+        return None
     except Exception:
-        sys.modules.pop("torchvision", None)
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            sys.modules.pop(name)
     stub = Path(tempfile.mkdtemp(prefix="tlora-tv-")) / "torchvision"
     (stub / "transforms").mkdir(parents=True)
     (stub / "__init__.py").write_text("# import-time stand-in: the real torchvision cannot load beside CPU torch\n")
     (stub / "transforms" / "__init__.py").write_text("")
     sys.path.append(str(stub.parent))
+    return str(stub.parent)
+
+
+def _remove_stub(folder):
+    if folder is None:
+        return
+    sys.path.remove(folder)
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        sys.modules.pop(name)
 
 
 def comfyui():
@@ -54,7 +67,7 @@ def comfyui():
         pytest.skip(reason)
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
-    _torchvision_or_stub()
+    stub = _torchvision_stub()
     sys.path.insert(0, str(path))
     argv = sys.argv
     sys.argv = [argv[0], "--cpu"]
@@ -62,26 +75,30 @@ def comfyui():
         import comfy.options
         comfy.options.enable_args_parsing()
         import comfy.model_management  # noqa: F401  (parses --cpu)
+        sys.argv = argv
+        import folder_paths
+        scratch = Path(tempfile.mkdtemp(prefix="tlora-comfyui-"))    # ComfyUI's input/output/temp: never the checkout
+        folder_paths.set_input_directory(str(scratch / "input"))
+        folder_paths.set_output_directory(str(scratch / "output"))
+        folder_paths.set_temp_directory(str(scratch / "temp"))
+        import comfy.sd  # noqa: F401
+        import execution  # noqa: F401
+        import nodes
+        import asyncio
+        extra = path / "comfy_extras" / "nodes_custom_sampler.py"      # BasicScheduler, loaded at ComfyUI's start
+        assert asyncio.run(nodes.load_custom_node(str(extra), module_parent="comfy_extras"))
     finally:
         sys.argv = argv
-    import folder_paths
-    scratch = Path(tempfile.mkdtemp(prefix="tlora-comfyui-"))    # ComfyUI's input/output/temp: never the checkout
-    folder_paths.set_input_directory(str(scratch / "input"))
-    folder_paths.set_output_directory(str(scratch / "output"))
-    folder_paths.set_temp_directory(str(scratch / "temp"))
-    import nodes
+        _remove_stub(stub)
     _state["nodes"] = nodes
     return nodes
 
 
 def load_node_package():
-    """Our node package, loaded by ComfyUI's own custom-node loader (with the built-in sampler nodes, e.g.
-    BasicScheduler, that ComfyUI loads at start); returns our NODE_CLASS_MAPPINGS."""
+    """Our node package, loaded by ComfyUI's own custom-node loader; returns our NODE_CLASS_MAPPINGS."""
     nodes = comfyui()
     if "package" not in _state:
         import asyncio
-        extra = comfyui_path() / "comfy_extras" / "nodes_custom_sampler.py"
-        assert asyncio.run(nodes.load_custom_node(str(extra), module_parent="comfy_extras"))
         assert asyncio.run(nodes.load_custom_node(str(NODE_PACKAGE)))
         _state["package"] = True
     return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in ("Load T-LoRA", "T-LoRA schedule")}
