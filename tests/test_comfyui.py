@@ -454,3 +454,15 @@ def test_per_sample_sigmas_in_one_call_equal_single_calls_with_per_module_ranks(
                                       (ms.timestep(pair).double() * (1 if family == "sdxl" else 1000)).tolist()]
     for sched, r in ranks.items():
         assert r == [tlora.active_rank(t, sched.max_rank, sched.min_rank) for t in ts] and r[0] < r[1]
+
+
+def test_an_unreadable_hparams_yml_is_one_line(loras):
+    from test_formats import official_checkpoint
+    from tlora.comfyui import TLoRAComfyError
+    den, base = twin("sdxl")
+    save_file(official_checkpoint(den, "lora", 4), str(loras / "o.safetensors"))
+    for text, says in (("lora_rank: [4\n", "not readable YAML"), ("- 4\n", "not a YAML mapping")):
+        (loras / "o.hparams.yml").write_text(text)
+        with pytest.raises(TLoRAComfyError, match=says) as e:
+            load_node_package()["Load T-LoRA"]().load(base, "o.safetensors", 1.0, True)
+        assert "\n" not in str(e.value)

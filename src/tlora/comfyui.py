@@ -37,7 +37,6 @@ import yaml
 import comfy.model_base
 import comfy.model_sampling
 import comfy.patcher_extension
-import comfy.supported_models
 import comfy.utils
 
 from .formats import detect_format, read_lycoris, read_official
@@ -180,7 +179,10 @@ def _hparams_beside(path: Path) -> Optional[dict]:
     """The official run's hyper-parameters: ``<file stem>.hparams.yml`` or ``hparams.yml`` beside the file."""
     for cand in (path.with_name(path.stem + ".hparams.yml"), path.with_name("hparams.yml")):
         if cand.is_file():
-            hp = yaml.safe_load(cand.read_text())
+            try:
+                hp = yaml.safe_load(cand.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise TLoRAComfyError(f"{cand} is not readable YAML: {str(e).splitlines()[0]}") from None
             if not isinstance(hp, dict):
                 raise TLoRAComfyError(f"{cand} is not a YAML mapping of the official run's hyper-parameters")
             return hp
