@@ -118,3 +118,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         tlora.save(net, tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_written_before_the_one_owner_refactor_loads_and_gives_its_recorded_output():
+    """tests/data/tlora-format1-sd15.safetensors was written by tlora at 9d54561 + the ComfyUI nodes (format 1,
+    ortho rank 4 with one vanilla rank-3 module, min_rank 2, exponent 2); the .expected file holds that
+    version's masked output for two samples at t = 100 and 900. Every later tlora must read it the same."""
+    from pathlib import Path
+    from safetensors.torch import load_file
+    data = Path(__file__).parent / "data"
+    unet = tiny_unet()
+    net = tlora.load(data / "tlora-format1-sd15.safetensors", unet)
+    stored = load_file(str(data / "tlora-format1-sd15.safetensors"))
+    ours = net.state_dict()
+    assert set(ours) == set(stored) and all(torch.equal(ours[k], stored[k]) for k in stored)
+    assert {a.variant for a in net.adapters.values()} == {"ortho", "vanilla"}
+    want = load_file(str(data / "tlora-format1-sd15.expected.safetensors"))
+    with torch.no_grad(), tlora.timestep_mask(net, want["timesteps"]):
+        got = unet(want["x"], want["timesteps"], want["context"]).sample
+    torch.testing.assert_close(got, want["output"], atol=1e-6, rtol=0)   # same math; another CPU may round apart
