@@ -9,7 +9,8 @@ from .layers import TLoRAAdapter
 from .masking import AttachHandle, attach, timestep_mask
 from .network import TLoRANetwork, inject
 from .schedule import RankSchedule, active_rank, active_ranks, rank_mask
-from .weights import load, save
+from .formats import load
+from .weights import save
 
 __version__ = "0.1.0"
 

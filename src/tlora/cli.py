@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from .errors import OneLineParser as _Parser
 from .errors import UsageError
+from .fileio import atomic_write
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -110,8 +111,6 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _plot(scheds, path: str) -> None:
-    import os
-    import tempfile
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -126,11 +125,10 @@ def _plot(scheds, path: str) -> None:
     ax.set_ylabel("active ranks")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

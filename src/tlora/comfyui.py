@@ -32,18 +32,18 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import yaml
 
 import comfy.model_base
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.utils
 
-from .formats import detect_format, read_lycoris, read_official
+from .fileio import read_mapping
+from .formats import detect_format, native_state
 from .masking import timestep_mask
 from .network import TLoRANetwork
 from .schedule import RankSchedule
-from .weights import WeightsFileError, network_from_state, parse_header, read
+from .weights import WeightsFileError, network_from_state, read
 
 WRAPPER_PREFIX = "tlora:"
 # ComfyUI model configs → tlora family (``supported_models`` classes; subclasses are looked up by MRO)
@@ -179,13 +179,7 @@ def _hparams_beside(path: Path) -> Optional[dict]:
     """The official run's hyper-parameters: ``<file stem>.hparams.yml`` or ``hparams.yml`` beside the file."""
     for cand in (path.with_name(path.stem + ".hparams.yml"), path.with_name("hparams.yml")):
         if cand.is_file():
-            try:
-                hp = yaml.safe_load(cand.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise TLoRAComfyError(f"{cand} is not readable YAML: {str(e).splitlines()[0]}") from None
-            if not isinstance(hp, dict):
-                raise TLoRAComfyError(f"{cand} is not a YAML mapping of the official run's hyper-parameters")
-            return hp
+            return read_mapping(cand, "the official run's hparams file", TLoRAComfyError, kind="yaml")
     return None
 
 
@@ -196,9 +190,10 @@ def _schedule_inputs(min_rank: Optional[int], exponent: Optional[float], carried
 
 def read_state(path, model: comfy.model_base.BaseModel, targets: Dict[str, Target], min_rank: Optional[int] = None,
                exponent: Optional[float] = None) -> Tuple[dict, dict]:
-    """Any T-LoRA file → native state (tensors, header) for this ComfyUI model. ``min_rank`` / ``exponent`` are
-    used only for a file that does not carry its schedule (LyCORIS without ``lycoris_config``, official
-    without ``hparams.yml``); a file that carries one refuses them."""
+    """Any T-LoRA file → native state (tensors, header) for this ComfyUI model, through the same readers as
+    ``tlora.load`` (:func:`tlora.formats.native_state`). ``min_rank`` / ``exponent`` are used only for a file that
+    does not carry its schedule (LyCORIS without ``lycoris_config``, official without ``hparams.yml``); a file
+    that carries one refuses them."""
     path = Path(path)
     tensors, meta = read(path)
     try:
@@ -206,10 +201,10 @@ def read_state(path, model: comfy.model_base.BaseModel, targets: Dict[str, Targe
     except ValueError as e:
         raise TLoRAComfyError(f"{path.name}: {e}") from None
     family = family_of(model)
+    skel, hp = None, None
     if fmt == "tlora":
         _schedule_inputs(min_rank, exponent, "native tlora header")
-        return tensors, parse_header(meta, path)
-    if fmt == "lycoris":
+    elif fmt == "lycoris":
         carried = "lycoris_config metadata" if "lycoris_config" in meta else None
         _schedule_inputs(min_rank, exponent, carried)
         if not carried and (min_rank is None or exponent is None):
@@ -218,17 +213,18 @@ def read_state(path, model: comfy.model_base.BaseModel, targets: Dict[str, Targe
         names = {"lycoris_" + p.replace(".", "_"): p for p in targets}
         paths = sorted({names.get(k.split(".")[0], k.split(".")[0]) for k in tensors})
         _unknown(paths, targets, family)
-        return read_lycoris(tensors, meta, skeleton(model, targets, paths, weights=True), min_rank, exponent)
-    if fmt == "official":
+        skel = skeleton(model, targets, paths, weights=True)
+    elif fmt == "official":
         hp = _hparams_beside(path)
         _schedule_inputs(min_rank, exponent, "hparams.yml beside it" if hp else None)
         if hp is None and (min_rank is None or exponent is None):
             raise TLoRAComfyError(f"{path.name} is an official T-LoRA checkpoint without its hparams.yml beside it: put "
                                   f"the run's logs/hparams.yml next to it as {path.stem}.hparams.yml, or set min_rank "
                                   "and exponent")
-        return read_official(tensors, min_rank, exponent, hp)
-    raise TLoRAComfyError(f"{path.name} is a plain {fmt} LoRA with no timestep schedule: load it with ComfyUI's "
-                          "LoraLoader")
+    else:
+        raise TLoRAComfyError(f"{path.name} is a plain {fmt} LoRA with no timestep schedule: load it with ComfyUI's "
+                              "LoraLoader")
+    return native_state(path, tensors, meta, skel, min_rank, exponent, hp)
 
 
 # -- sigma → training-scale timestep ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Optional
 
 from .functional import SIG_TYPES, SVD_METHODS
 from .layers import INITS, VARIANTS

@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from .errors import UsageError
+from .fileio import first_line
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -45,7 +46,7 @@ def check_images(paths: List[Path]) -> None:
             with Image.open(p) as im:
                 im.verify()
         except Exception as e:
-            raise UsageError(f"cannot read image {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UsageError(f"cannot read image {p}: {first_line(e)}") from None
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:
-        raise UsageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"cannot read image {path}: {first_line(e)}") from None
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

@@ -18,7 +18,8 @@ def run_demo(out: Path, steps: int = None, rank: int = 64, n_prompts: int = 6) -
     from PIL import Image
 
     from .errors import UsageError
-    from .generate import contact_sheet, load_pipeline, save_png
+    from .fileio import save_png
+    from .generate import contact_sheet, load_pipeline
     from .toyworld.experiment import (CONCEPTS, STEPS, concept_prompt, default_model, personalise, sample, score,
                                       test_prompts)
     from .toyworld.world import render

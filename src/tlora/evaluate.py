@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .errors import UsageError
+from .fileio import first_line, write_json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -91,7 +92,7 @@ class Embedder:
             self.dino = AutoModel.from_pretrained(dino).to(device).eval() if dino else None
             self.dino_proc = AutoImageProcessor.from_pretrained(dino) if dino else None
         except Exception as e:
-            raise UsageError(f"cannot load evaluation models: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UsageError(f"cannot load evaluation models: {first_line(e)}") from None
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()
@@ -236,7 +237,6 @@ def add_cli(sub) -> None:
 
 def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeholder="sks", clip=DEFAULT_CLIP,
                     dino: Optional[str] = DEFAULT_DINO, batch_size=32, device="cpu") -> dict:
-    from .generate import write_json
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be > 0, got {batch_size}")
     paths, per_image = collect(images, prompts)

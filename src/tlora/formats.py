@@ -26,8 +26,11 @@ import torch.nn as nn
 from . import functional as Fn
 from .config import TLoRAConfig
 from .families import FAMILIES
+from .fileio import read_mapping
+from .network import TLoRANetwork
 from .schedule import active_rank
-from .weights import FORMAT, FORMAT_VERSION, WeightsFileError, fingerprint
+from .weights import (ModuleSpec, WeightsFileError, atomic_save_file, make_header, network_from_state, parse_header,
+                      read, write_native)
 
 Tensors = Dict[str, torch.Tensor]
 FORMATS = ("tlora", "lycoris", "official", "diffusers", "kohya")
@@ -53,15 +56,9 @@ def detect_format(keys, meta: Dict[str, str]) -> str:
                      "diffusers/peft nor kohya LoRA")
 
 
-def _header(specs: dict, config: TLoRAConfig, family: Optional[str], source: str, extra: Optional[dict] = None) -> dict:
-    variants = {s["variant"] for s in specs.values()}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "variant": variants.pop() if len(variants) == 1 else "mixed",
-            "num_train_timesteps": config.num_train_timesteps, "family": family,
-            "timestep_convention": FAMILIES[family].timestep_convention if family in FAMILIES else None,
-            "base_model": None, "config": config.to_dict(),
-            "base_fingerprint": fingerprint({p: s["base_shape"] for p, s in specs.items()}),
-            "modules": specs, "training": {"converted_from": source, **(extra or {})}}
+def _header(specs: Dict[str, ModuleSpec], config: TLoRAConfig, family: Optional[str], source: str,
+            extra: Optional[dict] = None) -> dict:
+    return make_header(specs, config, family, training={"converted_from": source, **(extra or {})})
 
 
 def _need(value, name: str, source: str):
@@ -115,15 +112,14 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
         shape_q, shape_p = (rank, *base.weight.shape[1:]), (base.weight.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
         out.update({f"{path}.q": q.reshape(shape_q), f"{path}.p": p.reshape(shape_p), f"{path}.lam": lam,
                     f"{path}.q0": q0.reshape(shape_q), f"{path}.p0": p0.reshape(shape_p), f"{path}.lam0": lam0})
-        specs[path] = dict(variant="ortho", rank=rank, alpha=alpha, min_rank=min(min_rank, rank), exponent=float(exponent),
-                           init="weight", sig_type="principal", svd="exact", kind="conv2d" if q.dim() == 4 else "linear",
-                           base_shape=list(base.weight.shape))
+        specs[path] = ModuleSpec("ortho", rank, alpha, min(min_rank, rank), float(exponent), "weight", "principal",
+                                 "exact", "conv2d" if q.dim() == 4 else "linear", tuple(base.weight.shape))
     if rederived:
         warnings.warn(f"LyCORIS file has no frozen base tensors: Q0/P0/λ0 of {rederived} modules were rebuilt from the "
                       "SVD of the base weight (principal), as LyCORIS does; correct only for LyCORIS's default init",
                       stacklevel=2)
     first = next(iter(specs.values()))
-    config = TLoRAConfig(rank=first["rank"], alpha=first["alpha"], min_rank=first["min_rank"], exponent=float(exponent),
+    config = TLoRAConfig(rank=first.rank, alpha=first.alpha, min_rank=first.min_rank, exponent=float(exponent),
                          variant="ortho", init="weight", sig_type="principal", svd="exact",
                          num_train_timesteps=num_train_timesteps,
                          multiplier=float(lyc.get("multiplier", 1.0)), target_module=())
@@ -182,13 +178,11 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
         down = out[f"{path}.lora_down" if vanilla else f"{path}.q"]
         up = out[f"{path}.lora_up" if vanilla else f"{path}.p"]
         rank = down.shape[0]
-        specs[path] = dict(variant="vanilla" if vanilla else "ortho", rank=rank, alpha=float(rank),
-                           min_rank=min(int(min_rank), rank), exponent=exponent, init="random",
-                           sig_type=hp.get("sig_type", "last"), svd="exact", kind="linear",
-                           base_shape=[up.shape[0], down.shape[1]])
+        specs[path] = ModuleSpec("vanilla" if vanilla else "ortho", rank, float(rank), min(int(min_rank), rank), exponent,
+                                 "random", hp.get("sig_type", "last"), "exact", "linear", (up.shape[0], down.shape[1]))
     first = next(iter(specs.values()))
-    config = TLoRAConfig(rank=first["rank"], alpha=None, min_rank=first["min_rank"], exponent=exponent,
-                         variant=first["variant"], init="random", sig_type=first["sig_type"],
+    config = TLoRAConfig(rank=first.rank, alpha=None, min_rank=first.min_rank, exponent=exponent,
+                         variant=first.variant, init="random", sig_type=first.sig_type,
                          target_module=("Attention",))
     return out, _header(specs, config, "sdxl", "official", {"hparams": {k: v for k, v in hp.items()
                                                                          if isinstance(v, (int, float, str, bool))}})
@@ -283,8 +277,15 @@ def read_state(path, model: Optional[nn.Module] = None, min_rank: Optional[int] 
     """Any T-LoRA file → native state (tensors in tlora's layout, tlora header).
 
     ``model`` (the denoiser) is needed for LyCORIS files; ``hparams`` is the official ``hparams.yml``."""
-    from .weights import parse_header, read
     tensors, meta = read(path)
+    hp = read_mapping(hparams, "hparams file", kind="yaml") if hparams else None
+    return native_state(path, tensors, meta, model, min_rank, exponent, hp)
+
+
+def native_state(path, tensors: Tensors, meta: Dict[str, str], model: Optional[nn.Module] = None,
+                 min_rank: Optional[int] = None, exponent: Optional[float] = None, hparams: Optional[dict] = None
+                 ) -> Tuple[Tensors, dict]:
+    """The tensors and metadata of a read file (:func:`tlora.weights.read`) → native state, by format."""
     fmt = detect_format(tensors.keys(), meta)
     if fmt == "tlora":
         return tensors, parse_header(meta, path)
@@ -293,22 +294,30 @@ def read_state(path, model: Optional[nn.Module] = None, min_rank: Optional[int] 
             raise ValueError("reading a LyCORIS file needs the base model (--model): LyCORIS files omit the frozen tensors")
         return read_lycoris(tensors, meta, model, min_rank, exponent)
     if fmt == "official":
-        hp = None
-        if hparams:
-            import yaml
-            from pathlib import Path
-            hp = yaml.safe_load(Path(hparams).read_text())
-        return read_official(tensors, min_rank, exponent, hp)
+        return read_official(tensors, min_rank, exponent, hparams)
     raise ValueError(f"{path} is a plain {fmt} LoRA: it has no timestep schedule to read")
+
+
+def load(path, model: nn.Module, min_rank: Optional[int] = None, exponent: Optional[float] = None,
+         hparams: Optional[str] = None) -> TLoRANetwork:
+    """Inject the adapters of a weights file into ``model``. Native files load exactly; LyCORIS and official
+    T-LoRA files are converted on the way (``min_rank``, ``exponent``, ``hparams``: see :func:`read_state`)."""
+    tensors, meta = read(path)
+    try:
+        hp = read_mapping(hparams, "hparams file", kind="yaml") if hparams else None
+        tensors, header = native_state(path, tensors, meta, model, min_rank, exponent, hp)
+    except WeightsFileError:
+        raise
+    except ValueError as e:
+        raise WeightsFileError(f"{path}: {e}") from None
+    return network_from_state(model, tensors, header, str(path))
 
 
 def write_state(fmt: str, tensors: Tensors, header: dict, path, at_timestep: Optional[float] = None) -> None:
     """Native state → a file of format ``fmt`` (tlora | lycoris | diffusers | kohya), written atomically."""
-    from .weights import _checksum, atomic_save_file
     if fmt == "tlora":
-        text = json.dumps(header, sort_keys=True)
-        t = {k: v.float().contiguous() for k, v in tensors.items()}
-        return atomic_save_file(t, path, {"tlora": text, "tlora_sha256": _checksum(text, t), "format": "pt"})
+        write_native(tensors, header, path)
+        return
     if at_timestep is not None and fmt == "lycoris":
         raise ValueError("--at-timestep applies to plain LoRA exports (diffusers, kohya), not to lycoris")
     writers = {"lycoris": lambda: to_lycoris(tensors, header), "diffusers": lambda: to_diffusers(tensors, header, at_timestep),
@@ -321,7 +330,6 @@ def write_state(fmt: str, tensors: Tensors, header: dict, path, at_timestep: Opt
 
 def summary(path) -> dict:
     """What ``tlora inspect`` prints: format, variant, modules, ranks, schedules, metadata. Needs no model."""
-    from .weights import parse_header, read
     tensors, meta = read(path)
     fmt = detect_format(tensors.keys(), meta)
     info: dict = {"file": str(path), "format": fmt, "tensors": len(tensors),

@@ -5,10 +5,7 @@ per-step mask comes from the weights file's own header (rank, min_rank, exponent
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from .errors import UsageError
+from .fileio import first_line, save_png, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,7 +87,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"cannot load model {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"cannot load model {model}: {first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -106,19 +104,8 @@ def load_denoiser(model: str):
             if attr in index and index[attr] and index[attr][1]:
                 return getattr(diffusers, index[attr][1]).from_pretrained(model, subfolder=attr)
     except Exception as e:
-        raise UsageError(f"cannot load the denoiser of {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"cannot load the denoiser of {model}: {first_line(e)}") from None
     raise UsageError(f"{model} has no unet or transformer")
-
-
-def save_png(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def contact_sheet(images: list, cols: int):
@@ -130,13 +117,6 @@ def contact_sheet(images: list, cols: int):
     for i, im in enumerate(images):
         sheet.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
     return sheet
-
-
-def write_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: int, guidance: float,

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .families import Family, denoiser_of, detect
+from .formats import load
 from .network import TLoRANetwork
 from .schedule import Timesteps, timesteps_list
 
@@ -119,7 +120,6 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
     _refuse_unsupported_scheduler(pipe)
     owns = not isinstance(weights_or_network, TLoRANetwork)
     if owns:
-        from .weights import load
         network = load(weights_or_network, denoiser)
     else:
         network = weights_or_network

@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import os
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -78,7 +77,8 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     from . import weights
     from .data import batch_indices, check_images, find_images, load_examples
     from .families import SHARED, TRAINING, denoiser_of, detect
-    from .generate import DTYPES, contact_sheet, load_pipeline, sample_images, save_png, write_json
+    from .fileio import save_png, write_json
+    from .generate import contact_sheet, load_pipeline, sample_images
     from .masking import attach, timestep_mask
     from .network import inject
 

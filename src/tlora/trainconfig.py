@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 
 from .config import TLoRAConfig, unknown_keys_error
 from .errors import UsageError
+from .fileio import read_mapping
 
 
 @dataclass
@@ -171,19 +172,6 @@ def apply_overrides(d: dict, sets: List[str]) -> dict:
     return d
 
 
-def _read_json(path: str, what: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{what} not found: {path}")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise UsageError(f"{what} {path} must hold a JSON object")
-    return d
-
-
 # -- SimpleTuner ------------------------------------------------------------------------------------------
 SIMPLETUNER_KEYS = {
     "pretrained_model_name_or_path": "model", "output_dir": "output_dir", "instance_data_dir": "data_dir",
@@ -219,7 +207,7 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
         raise UsageError("SimpleTuner config has no 'lycoris_config': point it at a LyCORIS JSON with algo 'tlora'")
     lyc_path = _resolve(d["lycoris_config"], base_dir)
     try:
-        tl = TLoRAConfig.from_lycoris(_read_json(str(lyc_path), "lycoris_config"))
+        tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError))
     except ValueError as e:
         raise UsageError(f"{lyc_path}: {e}") from None
     out: dict = {"tlora": tl}
@@ -311,7 +299,7 @@ def load_config(path: Optional[str], sets: List[str], official: Optional[dict] =
         return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg
     if not path:
         raise UsageError("give --config FILE (tlora or SimpleTuner JSON) or the official flags")
-    raw = _read_json(path, "config file")
+    raw = read_mapping(path, "config file", UsageError)
     if is_simpletuner(raw):
         cfg = from_simpletuner(raw, Path(path).parent)
         return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg

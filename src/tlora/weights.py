@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from .config import TLoRAConfig
 from .families import FAMILIES
+from .fileio import atomic_write, first_line
 from .layers import TLoRAAdapter
 from .network import TLoRANetwork
 
@@ -43,11 +44,43 @@ class WeightsFileError(ValueError):
     """A weights file that cannot be used, with one line saying why."""
 
 
-def module_spec(a: TLoRAAdapter) -> dict:
-    s = a.schedule
-    return dict(variant=a.variant, rank=a.rank, alpha=a.alpha, min_rank=s.min_rank, exponent=s.alpha,
-                init=a.init, sig_type=a.sig_type, svd=a.svd, kind="conv2d" if a.is_conv else "linear",
-                base_shape=list(a.base_layer.weight.shape))
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapter as the header describes it: enough to rebuild it exactly (with its tensors) on a base layer
+    of ``base_shape``. ``alpha`` is the LoRA scale numerator (scale = alpha / rank); ``exponent`` is the
+    schedule's α."""
+    variant: str
+    rank: int
+    alpha: float
+    min_rank: int
+    exponent: float
+    init: str
+    sig_type: str
+    svd: str
+    kind: str                     # "linear" | "conv2d"
+    base_shape: tuple
+
+    @classmethod
+    def of(cls, a: TLoRAAdapter) -> "ModuleSpec":
+        s = a.schedule
+        return cls(a.variant, a.rank, a.alpha, s.min_rank, s.alpha, a.init, a.sig_type, a.svd,
+                   "conv2d" if a.is_conv else "linear", tuple(a.base_layer.weight.shape))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleSpec":
+        """A header entry; files written before ``svd`` was recorded used exact SVDs."""
+        return cls(d["variant"], d["rank"], d["alpha"], d["min_rank"], d["exponent"], d["init"], d["sig_type"],
+                   d.get("svd", "exact"), d["kind"], tuple(d["base_shape"]))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base_shape"] = list(self.base_shape)
+        return d
+
+    def adapter_kwargs(self) -> dict:
+        """Keyword arguments of :class:`~tlora.layers.TLoRAAdapter` for this spec."""
+        return dict(rank=self.rank, alpha=self.alpha, variant=self.variant, min_rank=self.min_rank,
+                    exponent=self.exponent, init=self.init, sig_type=self.sig_type, svd=self.svd)
 
 
 def fingerprint(shapes: Dict[str, list]) -> str:
@@ -67,36 +100,41 @@ def _checksum(header_json: str, tensors: Dict[str, torch.Tensor]) -> str:
 
 def atomic_save_file(tensors: Dict[str, torch.Tensor], path: os.PathLike, metadata: Dict[str, str]) -> None:
     """safetensors ``save_file`` to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def make_header(specs: Dict[str, ModuleSpec], config: TLoRAConfig, family: Optional[str] = None,
+                base_model: Optional[str] = None, training: Optional[dict] = None,
+                denoiser_config: Optional[dict] = None) -> dict:
+    """The ``tlora`` header for adapters ``specs`` (module path → spec): the one place it is built."""
+    variants = {s.variant for s in specs.values()}
+    header = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "variant": variants.pop() if len(variants) == 1 else "mixed",
+        "num_train_timesteps": config.num_train_timesteps,
+        "family": family,
+        "timestep_convention": FAMILIES[family].timestep_convention if family in FAMILIES else None,
+        "base_model": base_model,
+        "config": config.to_dict(),
+        "base_fingerprint": fingerprint({p: list(s.base_shape) for p, s in specs.items()}),
+        "modules": {p: s.to_dict() for p, s in specs.items()},
+        "training": dict(training or {}),
+    }
+    if denoiser_config is not None:
+        header["denoiser_config"] = denoiser_config
+    return header
 
 
 def header_of(network: TLoRANetwork, metadata: Optional[dict] = None) -> dict:
-    specs = {p: module_spec(a) for p, a in network.adapters.items()}
-    variants = {s["variant"] for s in specs.values()}
+    """The header of an injected network; ``metadata`` may give ``base_model``, ``family`` and ``training``;
+    other keys go into ``training``."""
     meta = dict(metadata or {})
     family = meta.pop("family", network.family)
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "variant": variants.pop() if len(variants) == 1 else "mixed",
-        "num_train_timesteps": network.config.num_train_timesteps,
-        "family": family,
-        "timestep_convention": FAMILIES[family].timestep_convention if family in FAMILIES else None,
-        "base_model": meta.pop("base_model", None),
-        "config": network.config.to_dict(),
-        "base_fingerprint": fingerprint({p: s["base_shape"] for p, s in specs.items()}),
-        "modules": specs,
-        "denoiser_config": _jsonable_config(network.model),
-        "training": meta.pop("training", {}) | meta,
-    }
+    base_model = meta.pop("base_model", None)
+    header = make_header({p: ModuleSpec.of(a) for p, a in network.adapters.items()}, network.config, family,
+                         base_model, meta.pop("training", {}) | meta)
+    header["denoiser_config"] = _jsonable_config(network.model)
+    return header
 
 
 def _jsonable_config(model: nn.Module) -> Optional[dict]:
@@ -109,13 +147,18 @@ def _jsonable_config(model: nn.Module) -> Optional[dict]:
         return None
 
 
+def write_native(tensors: Dict[str, torch.Tensor], header: dict, path: os.PathLike) -> Path:
+    """A native file: the tensors as float32, the header as JSON, the checksum over both; written atomically."""
+    text = json.dumps(header, sort_keys=True)
+    t = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    atomic_save_file(t, path, {"tlora": text, "tlora_sha256": _checksum(text, t), "format": "pt"})
+    return Path(path)
+
+
 def save(network: TLoRANetwork, path: os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write ``network`` to ``path`` (safetensors, atomically). ``metadata`` may give ``base_model``,
     ``family`` and ``training``; other keys go into ``training``."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-    header = json.dumps(header_of(network, metadata), sort_keys=True)
-    atomic_save_file(tensors, path, {"tlora": header, "tlora_sha256": _checksum(header, tensors), "format": "pt"})
-    return Path(path)
+    return write_native(network.state_dict(), header_of(network, metadata), path)
 
 
 def read(path: os.PathLike, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -129,7 +172,7 @@ def read(path: os.PathLike, verify: bool = True) -> Tuple[Dict[str, torch.Tensor
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                               f"{first_line(e)}") from None
     if verify and "tlora_sha256" in meta and _checksum(meta.get("tlora", ""), tensors) != meta["tlora_sha256"]:
         raise WeightsFileError(f"{path} is corrupted: its checksum does not match its contents")
     return tensors, meta
@@ -157,8 +200,9 @@ def parse_header(meta: Dict[str, str], path: Any = "file") -> dict:
 
 def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig, source: str = "file"
                   ) -> TLoRANetwork:
-    """Adapters exactly as ``specs`` describe them (path → module_spec), uninitialised, then checked
-    against the model. Raises WeightsFileError naming what does not fit."""
+    """Adapters exactly as the header's ``specs`` describe them (path → :class:`ModuleSpec` entry), uninitialised,
+    checked against the model. Raises WeightsFileError naming what does not fit."""
+    specs = {p: ModuleSpec.from_dict(s) for p, s in specs.items()}
     modules = dict(model.named_modules())
     missing = [p for p in specs if p not in modules]
     if missing:
@@ -166,16 +210,14 @@ def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig,
                                f"{type(model).__name__} does not have (first: {missing[0]}): wrong base model?")
     for p, s in specs.items():
         have = list(getattr(modules[p], "weight", torch.empty(0)).shape)
-        if have != list(s["base_shape"]):
+        if have != list(s.base_shape):
             raise WeightsFileError(f"{source}: module {p} has weight shape {have} here but "
-                                   f"{s['base_shape']} in the file: wrong base model?")
+                                   f"{list(s.base_shape)} in the file: wrong base model?")
     adapters = {}
     try:
         for p, s in specs.items():
-            kw = {k: s[k] for k in ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type")}
-            kw["svd"] = s.get("svd", "exact")
             adapters[p] = TLoRAAdapter(modules[p], num_train_timesteps=config.num_train_timesteps,
-                                       multiplier=config.multiplier, init_weights=False, **kw)
+                                       multiplier=config.multiplier, init_weights=False, **s.adapter_kwargs())
     except Exception:
         for a in adapters.values():
             a.detach_from_base()
@@ -196,20 +238,3 @@ def network_from_state(model: nn.Module, tensors: Dict[str, torch.Tensor], heade
     net.family = header.get("family")
     net.header = header
     return net
-
-
-def load(path: os.PathLike, model: nn.Module, **options) -> TLoRANetwork:
-    """Inject the adapters of a weights file into ``model``. Native files load exactly; LyCORIS and official
-    T-LoRA files are converted on the way (``options``: min_rank, exponent, hparams — see
-    :func:`tlora.formats.read_state`)."""
-    tensors, meta = read(path)
-    if "tlora" in meta:
-        return network_from_state(model, tensors, parse_header(meta, path), str(path))
-    from .formats import read_state
-    try:
-        tensors, header = read_state(path, model, **options)
-    except WeightsFileError:
-        raise
-    except ValueError as e:
-        raise WeightsFileError(f"{path}: {e}") from None
-    return network_from_state(model, tensors, header, str(path))
