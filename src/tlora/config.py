@@ -30,6 +30,14 @@ def unknown_keys_error(what: str, keys, known) -> ValueError:
     return ValueError(f"unknown {what} key(s): {', '.join(parts)}")
 
 
+def check_fields(d: dict, cls, what: str) -> None:
+    """Refuse keys of ``d`` that are not fields of the dataclass ``cls`` (one line, closest spellings)."""
+    known = {f.name for f in fields(cls)}
+    bad = set(d) - known
+    if bad:
+        raise unknown_keys_error(what, bad, known)
+
+
 # per-module overrides allowed in module_algo_map
 OVERRIDE_KEYS = {"rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd"}
 
@@ -123,10 +131,7 @@ class TLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TLoRAConfig":
-        known = {f.name for f in fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise unknown_keys_error("T-LoRA config", bad, known)
+        check_fields(d, cls, "T-LoRA config")
         return cls(**d)
 
     def replace(self, **kw) -> "TLoRAConfig":

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .config import TLoRAConfig, unknown_keys_error
+from .config import TLoRAConfig, check_fields
 from .errors import UsageError
 from .fileio import read_mapping
 
@@ -105,10 +105,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise UsageError(str(unknown_keys_error("train config", bad, known)))
+        try:
+            check_fields(d, cls, "train config")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         d = dict(d)
         try:
             if "tlora" in d:
