@@ -1,24 +1,42 @@
 """``tlora train``: one-image personalisation with a T-LoRA, on accelerate.
 
-Read :func:`train` top to bottom: load and check everything, cache latents and text embeddings, inject
-the adapters, then the loop — per-sample timesteps → per-sample masks → loss → step — with validation
-and checkpoints along the way.
+Read :func:`_train` top to bottom — six steps, each a top-level function or class below with its inputs in
+the call: setup (check everything, load, inject; nothing written), cache latents and text embeddings once,
+prepare the optimizer, the outputs, then the loop (:func:`train_step`: per-sample timesteps → per-sample
+masks → loss → backward) with checkpoints and validation along the way, and :func:`finish`.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import json
+import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
+from . import weights
+from .data import batch_indices, check_images, find_images, load_examples
 from .errors import UsageError
+from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
+from .fileio import save_png, write_json
+from .generate import contact_sheet, load_pipeline, sample_images
+from .masking import attach, timestep_mask
+from .network import TLoRANetwork, inject
 from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
 
 
@@ -60,7 +78,6 @@ def train(cfg: TrainConfig, on_grads: Optional[Callable] = None, on_step: Option
 
     ``on_grads(step, network, timesteps)`` runs after the backward of a step, before the optimizer step
     (gradients in place); ``on_step(step, loss)`` after the step. Both are for logging and tests."""
-    from accelerate.state import AcceleratorState
     try:
         return _train(cfg, on_grads, on_step)
     finally:  # accelerate keeps one global state; a second run in this process may use another precision
@@ -68,29 +85,82 @@ def train(cfg: TrainConfig, on_grads: Optional[Callable] = None, on_step: Option
 
 
 def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Callable]) -> Path:
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    run = setup(cfg)                                                   # 1. everything checked, nothing written
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
+    data = cache_inputs(run, acc.device)                               # 2. latents and text, encoded once
+    opt = prepare_training(run, acc)                                   # 3. denoiser, adapters, optimizer
+    outputs = Outputs(run, acc, opt.prediction_type)                   # 4. logs, samples, checkpoints, best
+    bar = tqdm(range(opt.start, cfg.max_steps), initial=opt.start, total=cfg.max_steps, desc="train",
+               disable=not acc.is_main_process)
+    t0 = time.time()
+    for step in bar:                                                   # 5. the loop
+        loss, mean_rank, t = train_step(run, data, opt, acc, step, outputs.last_checkpoint)
+        if on_grads is not None:
+            on_grads(step + 1, run.network, t)
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(opt.params, cfg.max_grad_norm)
+        opt.optimizer.step()
+        opt.lr_scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(done - opt.start) / max(time.time() - t0, 1e-9):.2f}")
+        outputs.log(done, loss, opt.lr_scheduler.get_last_lr()[0], mean_rank)
+        if on_step is not None:
+            on_step(done, loss)
+        if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
+            outputs.checkpoint(done, opt)
+        if cfg.validation_steps and done % cfg.validation_steps == 0 and done != cfg.max_steps:
+            outputs.validate(done)
+        acc.wait_for_everyone()
+    return finish(run, acc, outputs)                                   # 6. final weights, last validation
 
-    from . import checkpoint as ckpt
-    from . import weights
-    from .data import batch_indices, check_images, find_images, load_examples
-    from .families import SHARED, TRAINING, denoiser_of, detect
-    from .fileio import save_png, write_json
-    from .generate import contact_sheet, load_pipeline, sample_images
-    from .masking import attach, timestep_mask
-    from .network import inject
 
-    # -- 1. check everything before anything is written ------------------------------------------------
+# -- 1. setup ----------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run is made of, checked before anything is written: the config (with the targets resolved), the
+    pipeline and its denoiser, the family, the images, the injected network and the evaluation models."""
+    cfg: TrainConfig
+    out: Path
+    resume_from: Optional[Path]
+    pipe: object
+    den: torch.nn.Module
+    family: Family
+    resolution: int
+    examples: list
+    class_examples: list
+    network: TLoRANetwork
+    embedder: Optional[object]
+
+    @property
+    def spec(self) -> TrainingSpec:
+        return TRAINING[self.family.name]
+
+    @property
+    def text_modules(self) -> list:
+        return [m for n, m in self.pipe.components.items() if n.startswith("text_encoder") and m is not None]
+
+    def encoders_to(self, device) -> None:
+        """The VAE and text encoders to ``device`` (they leave the accelerator after caching and come back to validate)."""
+        self.pipe.vae.to(device)
+        for m in self.text_modules:
+            m.to(device)
+
+
+def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
+    if not cfg.resume:
+        return None
+    found = ckpt.list_checkpoints(out) if cfg.resume == "latest" else [Path(cfg.resume)]
+    if cfg.resume != "latest" and not (found[0] / "state.json").is_file():
+        raise UsageError(f"resume checkpoint not found: {cfg.resume}")
+    return found[-1] if found else None
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the config, the images and the model, load the pipeline and inject the adapters; writes nothing."""
     cfg.validate()
     out = Path(cfg.output_dir)
-    resume_from = None
-    if cfg.resume:
-        found = ckpt.list_checkpoints(out) if cfg.resume == "latest" else [Path(cfg.resume)]
-        if cfg.resume != "latest" and not (found[0] / "state.json").is_file():
-            raise UsageError(f"resume checkpoint not found: {cfg.resume}")
-        resume_from = found[-1] if found else None
+    resume_from = _resume_path(cfg, out)
     check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
     if cfg.class_data_dir:
         check_images(find_images(cfg.class_data_dir))
@@ -99,7 +169,6 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     family = detect(den)
     if family.name not in TRAINING:
         raise UsageError(f"training {family.name} is not supported yet")
-    spec = TRAINING[family.name]
     resolution = cfg.resolution or family.resolution
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip())
@@ -113,203 +182,244 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
         raise UsageError(str(e)) from None
     network.family = family.name
     cfg.tlora = tl
-
     embedder = None
     if cfg.eval_clip_model:       # load the evaluation models now: a bad path stops the run before it writes
-        from .evaluate import Embedder
+        from .evaluate import Embedder   # transformers' CLIP / DINO stack: only runs that evaluate need it
         embedder = Embedder(cfg.eval_clip_model, cfg.eval_dino_model)
+    return Run(cfg, out, resume_from, pipe, den, family, resolution, examples, class_examples, network, embedder)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
-    device, main = accelerator.device, accelerator.is_main_process
+
+# -- 2. cached inputs ----------------------------------------------------------------------------------------------
+@dataclass
+class Cached:
+    """VAE latent distributions (mean, std) and text conditioning of the instance (and class) images."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    cond: dict
+    class_mean: Optional[torch.Tensor] = None
+    class_std: Optional[torch.Tensor] = None
+    class_cond: Optional[dict] = None
+
+
+@torch.no_grad()
+def cache_inputs(run: Run, device) -> Cached:
+    """Encode every image and caption once on ``device``; then the VAE and text encoders go back to the CPU."""
+    run.encoders_to(device)
+
+    def encode(exs):
+        dist = run.pipe.vae.encode(torch.stack([e.pixels for e in exs]).to(device)).latent_dist
+        return dist.mean.float(), dist.std.float(), run.spec.encode(run.pipe, [e.caption for e in exs], device)
+
+    data = Cached(*encode(run.examples))
+    if run.class_examples:
+        data.class_mean, data.class_std, data.class_cond = encode(run.class_examples)
+    run.encoders_to("cpu")
+    return data
+
+
+# -- 3. denoiser, adapters, optimizer --------------------------------------------------------------------------
+@dataclass
+class Optimization:
+    """The prepared denoiser, optimizer and lr schedule, the noise generator, the training scheduler and the step
+    to start from (after a resume)."""
+    den: torch.nn.Module
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    gen: torch.Generator
+    scheduler: object
+    prediction_type: str
+    weight_dtype: torch.dtype
+    start: int
+    process_index: int
+
+
+def _optimizer_class(name: str):
+    if name != "adamw8bit":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb   # optional backend, only for the 8-bit optimizer
+    except ImportError:
+        raise UsageError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit
+
+
+def prepare_training(run: Run, acc: Accelerator) -> Optimization:
+    """Freeze and move the denoiser (adapters stay float32), build the optimizer and lr schedule, resume."""
+    cfg, den = run.cfg, run.den
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-    T = network.config.num_train_timesteps
-    train_sched = DDPMScheduler.from_config(pipe.scheduler.config) if family.objective == "ddpm" else pipe.scheduler
-    prediction_type = cfg.prediction_type or getattr(train_sched.config, "prediction_type", "epsilon")
-
-    # -- 2. cache latents and text embeddings once; then the VAE and text encoders leave the device ------
-    text_modules = [m for n, m in pipe.components.items() if n.startswith("text_encoder") and m is not None]
-    vae = pipe.vae.to(device)
-    for m in text_modules:
-        m.to(device)
-    with torch.no_grad():
-        def encode_images(exs):
-            px = torch.stack([e.pixels for e in exs]).to(device)
-            dist = vae.encode(px).latent_dist
-            return dist.mean.float(), dist.std.float()
-        lat_mean, lat_std = encode_images(examples)
-        cond = spec.encode(pipe, [e.caption for e in examples], device)
-        if class_examples:
-            cls_mean, cls_std = encode_images(class_examples)
-            cls_cond = spec.encode(pipe, [e.caption for e in class_examples], device)
-    vae.to("cpu")
-    for m in text_modules:
-        m.to("cpu")
-
-    # -- 3. the denoiser, the adapters, the optimizer -------------------------------------------------------
+    scheduler = (DDPMScheduler.from_config(run.pipe.scheduler.config) if run.family.objective == "ddpm"
+                 else run.pipe.scheduler)
+    prediction_type = cfg.prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
     den.requires_grad_(False)
-    den.to(device, dtype=weight_dtype)                    # adapters stay float32 (TLoRAAdapter._apply)
-    for p in network.parameters():
+    den.to(acc.device, dtype=weight_dtype)                # adapters stay float32 (TLoRAAdapter._apply)
+    for p in run.network.parameters():
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         den.enable_gradient_checkpointing()
     den.train()
-    params = network.trainable_parameters()
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    params = run.network.trainable_parameters()
+    optimizer = _optimizer_class(cfg.optimizer)(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
-    den, optimizer, lr_scheduler = accelerator.prepare(den, optimizer, lr_scheduler)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + accelerator.process_index)
-
+    den, optimizer, lr_scheduler = acc.prepare(den, optimizer, lr_scheduler)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
     start = 0
-    if resume_from is not None:
-        start = ckpt.load_checkpoint(resume_from, network, optimizer, lr_scheduler, gen)
+    if run.resume_from is not None:
+        start = ckpt.load_checkpoint(run.resume_from, run.network, optimizer, lr_scheduler, gen)
+    return Optimization(den, params, optimizer, lr_scheduler, gen, scheduler, prediction_type, weight_dtype, start,
+                        acc.process_index)
 
-    # -- 4. outputs ------------------------------------------------------------------------------------------
-    metadata = {"base_model": cfg.model, "family": family.name,
-                "training": {"config": cfg.to_dict(), "resolution": resolution, "prediction_type": prediction_type}}
-    writer = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "logs"))
-    val_prompts = cfg.resolved_validation_prompts()
-    val_guidance = cfg.validation_guidance if cfg.validation_guidance is not None else family.guidance
 
-    best = {"value": None}
+# -- 4. outputs -------------------------------------------------------------------------------------------------------
+class Outputs:
+    """Everything a run writes, on the main process only: tensorboard logs, validation grids, checkpoints (the
+    last one remembered for the NaN message), the best weights by the evaluation metric, the final files."""
 
-    def record_metrics(step: int, imgs: list) -> None:
+    def __init__(self, run: Run, acc: Accelerator, prediction_type: str):
+        self.run, self.acc, self.main = run, acc, acc.is_main_process
+        cfg, out = run.cfg, run.out
+        self.metadata = {"base_model": cfg.model, "family": run.family.name,
+                         "training": {"config": cfg.to_dict(), "resolution": run.resolution,
+                                      "prediction_type": prediction_type}}
+        self.best: Optional[float] = None
+        self.writer = None
+        self.last_checkpoint = None
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "samples").mkdir(exist_ok=True)
+            self.writer = SummaryWriter(str(out / "logs"))
+            found = ckpt.list_checkpoints(out)
+            self.last_checkpoint = found[-1] if found else None
+
+    def log(self, step: int, loss: float, lr: float, mean_rank: float) -> None:
+        if self.main:
+            self.writer.add_scalar("loss", loss, step)
+            self.writer.add_scalar("lr", lr, step)
+            self.writer.add_scalar("mean_active_rank", mean_rank, step)
+
+    def checkpoint(self, step: int, opt: Optimization) -> None:
+        if self.main:
+            self.last_checkpoint = ckpt.save_checkpoint(self.run.out, step, self.run.network, opt.optimizer,
+                                                        opt.lr_scheduler, opt.gen, self.metadata,
+                                                        self.run.cfg.checkpoints_total_limit)
+
+    def validate(self, step: int) -> None:
+        """Sample the validation prompts through ``attach`` (the same masked path as ``tlora generate``)."""
+        run, cfg = self.run, self.run.cfg
+        if not self.main or cfg.num_validation_images == 0:
+            return
+        run.encoders_to(self.acc.device)
+        run.den.eval()
+        guidance = cfg.validation_guidance if cfg.validation_guidance is not None else run.family.guidance
+        with torch.no_grad(), attach(run.pipe, run.network, multiplier=cfg.validation_multiplier):
+            imgs = sample_images(run.pipe, cfg.resolved_validation_prompts(), cfg.num_validation_images, cfg.seed,
+                                 cfg.validation_inference_steps, guidance, progress=False,
+                                 height=run.resolution, width=run.resolution)
+        run.den.train()
+        run.encoders_to("cpu")
+        sheet = contact_sheet([im for _, _, im in imgs], cols=cfg.num_validation_images)
+        save_png(sheet, run.out / "samples" / f"step-{step}.png")
+        self.writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        if run.embedder is not None:
+            self.record_metrics(step, imgs)
+
+    def record_metrics(self, step: int, imgs: list) -> None:
         """IS / DINO-IS / TS of the validation images against the training images; keep the best weights."""
-        from PIL import Image
-        from .evaluate import scores
-        refs = [Image.open(e.path).convert("RGB") for e in examples]
-        rep = scores(embedder, [im for _, _, im in imgs], [p for p, _, _ in imgs], refs, cfg.placeholder)["overall"]
+        from .evaluate import scores   # with the Embedder: only runs that evaluate need it
+        run, cfg, out = self.run, self.run.cfg, self.run.out
+        refs = [Image.open(e.path).convert("RGB") for e in run.examples]
+        rep = scores(run.embedder, [im for _, _, im in imgs], [p for p, _, _ in imgs], refs, cfg.placeholder)["overall"]
         for k in ("IS", "DINO_IS", "TS"):
             if rep[k] is not None:
-                writer.add_scalar(f"eval/{k}", rep[k], step)
+                self.writer.add_scalar(f"eval/{k}", rep[k], step)
         value = rep["IS"] + rep["TS"] if cfg.best_metric == "IS+TS" else rep[cfg.best_metric]
-        if best["value"] is None or value > best["value"]:
-            best["value"] = value
-            weights.save(network, out / "tlora-best.safetensors", metadata={**metadata, "training": {
-                **metadata["training"], "step": step, "best_metric": cfg.best_metric, "scores": rep}})
+        if self.best is None or value > self.best:
+            self.best = value
+            weights.save(run.network, out / "tlora-best.safetensors", metadata={**self.metadata, "training": {
+                **self.metadata["training"], "step": step, "best_metric": cfg.best_metric, "scores": rep}})
             write_json({"step": step, "metric": cfg.best_metric, "value": value, "scores": rep,
                         "weights": "tlora-best.safetensors",
                         "checkpoint": f"checkpoint-{step}" if (out / f"checkpoint-{step}").is_dir() else None},
                        out / "best.json")
 
-    def validate(step: int) -> None:
-        if not main or cfg.num_validation_images == 0:
-            return
-        vae.to(device)
-        for m in text_modules:
-            m.to(device)
-        den.eval()
-        with torch.no_grad(), attach(pipe, network, multiplier=cfg.validation_multiplier):
-            imgs = sample_images(pipe, val_prompts, cfg.num_validation_images, cfg.seed,
-                                 cfg.validation_inference_steps, val_guidance, progress=False,
-                                 height=resolution, width=resolution)
-        den.train()
-        vae.to("cpu")
-        for m in text_modules:
-            m.to("cpu")
-        sheet = contact_sheet([im for _, _, im in imgs], cols=cfg.num_validation_images)
-        save_png(sheet, out / "samples" / f"step-{step}.png")
-        import numpy as np
-        writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
-        if embedder is not None:
-            record_metrics(step, imgs)
+
+# -- 5. one optimizer step --------------------------------------------------------------------------------------------
+def _batch(run: Run, data: Cached, opt: Optimization, device, step: int, micro: int):
+    """(latents (n, …), conditioning) of one micro-batch: instance images, then class images (prior loss)."""
+    cfg, accum, B = run.cfg, run.cfg.gradient_accumulation_steps, run.cfg.batch_size
 
     def latents_of(mean, std, idx):
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)
-        return spec.latents(vae, z)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=opt.gen).to(device)
+        return run.spec.latents(run.pipe.vae, z)
 
     def cond_of(c, idx):
-        return {k: (v if k in SHARED else v[idx]).to(device, weight_dtype) for k, v in c.items()}
+        return {k: (v if k in SHARED else v[idx]).to(device, opt.weight_dtype) for k, v in c.items()}
 
-    # -- 5. the loop -------------------------------------------------------------------------------------------
-    accum, B = cfg.gradient_accumulation_steps, cfg.batch_size
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train", disable=not main)
-    t0 = time.time()
-    last_ckpt = ckpt.list_checkpoints(out)[-1] if main and ckpt.list_checkpoints(out) else None
-    for step in bar:
-        total, ranks_sum = 0.0, 0.0
-        for micro in range(accum):
-            idx = batch_indices(step, micro, accum, B, len(examples), cfg.seed + accelerator.process_index)
-            latents = latents_of(lat_mean, lat_std, idx)
-            c = cond_of(cond, idx)
-            if class_examples:
-                cidx = batch_indices(step, micro, accum, B, len(class_examples), cfg.seed + 1)
-                latents = torch.cat([latents, latents_of(cls_mean, cls_std, cidx)])
-                cc = cond_of(cls_cond, cidx)
-                c = {k: (v if k in SHARED else torch.cat([v, cc[k]])) for k, v in c.items()}
-            n = latents.shape[0]
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = _sample_timesteps(family, train_sched, n, gen, T)           # per sample, training scale
-            noisy, target = _noisy_and_target(family, train_sched, latents, noise, t.to(device), T, prediction_type)
-            t_model = (t / family.timestep_scale).to(device)
-            sync = accelerator.no_sync(den) if micro < accum - 1 else nullcontext()
-            with sync, timestep_mask(network, t):                       # masks hold through the backward
-                pred = spec.call(den, noisy.to(weight_dtype), t_model, c).float()
-                tgt = spec.to_layout(target).float()
-                if class_examples:
-                    loss = (F.mse_loss(pred[:B], tgt[:B])
-                            + cfg.prior_loss_weight * F.mse_loss(pred[B:], tgt[B:]))
-                else:
-                    loss = F.mse_loss(pred, tgt)
-                if cfg.ortho_reg_weight:
-                    loss = loss + cfg.ortho_reg_weight * network.orthogonality_loss().to(loss.device)
-                if not torch.isfinite(loss):
-                    where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-                    raise TrainingError(f"loss is {loss.item()} at step {step + 1}: stopped{where}")
-                accelerator.backward(loss / accum)
-            total += loss.item() / accum
-            ranks = next(iter(network.schedules())).ranks(t.tolist())    # for the log only
-            ranks_sum += sum(ranks) / len(ranks) / accum
-        if on_grads is not None:
-            on_grads(step + 1, network, t)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if main:
-            bar.set_postfix(loss=f"{total:.4f}", it_s=f"{(done - start) / max(time.time() - t0, 1e-9):.2f}")
-            writer.add_scalar("loss", total, done)
-            writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], done)
-            writer.add_scalar("mean_active_rank", ranks_sum, done)
-        if on_step is not None:
-            on_step(done, total)
-        if main and (done % cfg.checkpointing_steps == 0 or done == cfg.max_steps):
-            last_ckpt = ckpt.save_checkpoint(out, done, network, optimizer, lr_scheduler, gen, metadata,
-                                             cfg.checkpoints_total_limit)
-        if cfg.validation_steps and done % cfg.validation_steps == 0 and done != cfg.max_steps:
-            validate(done)
-        accelerator.wait_for_everyone()
+    idx = batch_indices(step, micro, accum, B, len(run.examples), cfg.seed + opt.process_index)
+    latents, c = latents_of(data.mean, data.std, idx), cond_of(data.cond, idx)
+    if run.class_examples:
+        cidx = batch_indices(step, micro, accum, B, len(run.class_examples), cfg.seed + 1)
+        latents = torch.cat([latents, latents_of(data.class_mean, data.class_std, cidx)])
+        cc = cond_of(data.class_cond, cidx)
+        c = {k: (v if k in SHARED else torch.cat([v, cc[k]])) for k, v in c.items()}
+    return latents, c
 
-    # -- 6. final weights, resolved config, a last validation ---------------------------------------------------
-    final = out / "tlora.safetensors"
-    digests = accelerator.gather_for_metrics([_digest(network)], use_gather_object=True) \
-        if accelerator.num_processes > 1 else [_digest(network)]
-    if main:
-        weights.save(network, final, metadata=metadata)
-        write_json(cfg.to_dict(), out / "config.resolved.json")
+
+def _loss(run: Run, pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    cfg, B = run.cfg, run.cfg.batch_size
+    if run.class_examples:
+        loss = F.mse_loss(pred[:B], tgt[:B]) + cfg.prior_loss_weight * F.mse_loss(pred[B:], tgt[B:])
+    else:
+        loss = F.mse_loss(pred, tgt)
+    if cfg.ortho_reg_weight:
+        loss = loss + cfg.ortho_reg_weight * run.network.orthogonality_loss().to(loss.device)
+    return loss
+
+
+def train_step(run: Run, data: Cached, opt: Optimization, acc: Accelerator, step: int, last_checkpoint
+               ) -> Tuple[float, float, torch.Tensor]:
+    """Forward and backward of every micro-batch of one step, each under its per-sample timestep masks (held
+    through the backward). Returns (mean loss, mean active rank, the last micro-batch's timesteps)."""
+    family, T, accum = run.family, run.network.config.num_train_timesteps, run.cfg.gradient_accumulation_steps
+    total, ranks_sum = 0.0, 0.0
+    for micro in range(accum):
+        latents, c = _batch(run, data, opt, acc.device, step, micro)
+        noise = torch.randn(latents.shape, generator=opt.gen).to(acc.device)
+        t = _sample_timesteps(family, opt.scheduler, latents.shape[0], opt.gen, T)      # per sample, training scale
+        noisy, target = _noisy_and_target(family, opt.scheduler, latents, noise, t.to(acc.device), T,
+                                          opt.prediction_type)
+        sync = acc.no_sync(opt.den) if micro < accum - 1 else nullcontext()
+        with sync, timestep_mask(run.network, t):                       # masks hold through the backward
+            pred = run.spec.call(opt.den, noisy.to(opt.weight_dtype), (t / family.timestep_scale).to(acc.device), c)
+            loss = _loss(run, pred.float(), run.spec.to_layout(target).float())
+            if not torch.isfinite(loss):
+                where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was written"
+                raise TrainingError(f"loss is {loss.item()} at step {step + 1}: stopped{where}")
+            acc.backward(loss / accum)
+        total += loss.item() / accum
+        ranks = next(iter(run.network.schedules())).ranks(t.tolist())    # for the log only
+        ranks_sum += sum(ranks) / len(ranks) / accum
+    return total, ranks_sum, t
+
+
+# -- 6. the end -------------------------------------------------------------------------------------------------------
+def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
+    """The final weights, the resolved config, each process's weights digest and a last validation."""
+    final = run.out / "tlora.safetensors"
+    digests = acc.gather_for_metrics([_digest(run.network)], use_gather_object=True) \
+        if acc.num_processes > 1 else [_digest(run.network)]
+    if acc.is_main_process:
+        weights.save(run.network, final, metadata=outputs.metadata)
+        write_json(run.cfg.to_dict(), run.out / "config.resolved.json")
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        write_json({"processes": accelerator.num_processes, "backend": backend, "digests": list(digests)},
-                   out / "logs" / "ranks.json")
-        validate(cfg.max_steps)
-        writer.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        write_json({"processes": acc.num_processes, "backend": backend, "digests": list(digests)},
+                   run.out / "logs" / "ranks.json")
+        outputs.validate(run.cfg.max_steps)
+        outputs.writer.close()
+    acc.wait_for_everyone()
+    acc.end_training()
     return final
 
 
