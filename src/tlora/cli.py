@@ -1,10 +1,12 @@
-"""``tlora`` command line: generate, train, demo (more subcommands live beside their modules).
+"""``tlora`` command line: every subcommand's arguments and handler (generate, convert, inspect, train,
+evaluate, demo). Handlers import their module when they run, so ``tlora --help`` stays fast.
 
 Bad input is one line on stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -12,7 +14,9 @@ from typing import List, Optional
 
 from .errors import OneLineParser as _Parser
 from .errors import UsageError
+from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS
 from .fileio import atomic_write
+from .trainconfig import OFFICIAL_FLAGS, load_config
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +135,80 @@ def _plot(scheds, path: str) -> None:
         plt.close(fig)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="tlora JSON or SimpleTuner config.json (with lycoris_config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (nested: tlora.rank=16); repeatable")
+    p.add_argument("--resume", help="latest | path to a checkpoint-N folder")
+    p.add_argument("--device", help="cpu to force the CPU")
+    off = p.add_argument_group("official T-LoRA flags (ControlGenAI/T-LoRA train.py)")
+    for flag, typ in OFFICIAL_FLAGS.items():
+        off.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainingError, train   # accelerate, diffusers, tensorboard: only `tlora train` needs them
+    official = {k: getattr(a, k) for k in OFFICIAL_FLAGS if getattr(a, k) is not None}
+    if official and a.config:
+        raise UsageError("give either --config or the official flags, not both")
+    sets = list(a.set) + ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
+        ([f"device={json.dumps(a.device)}"] if a.device else [])
+    cfg = load_config(a.config, sets, official or None)
+    try:
+        final = train(cfg)
+    except TrainingError as e:
+        print(f"tlora train: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {final}")
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of images, or a tlora generate output / generate.json")
+    p.add_argument("--reference", required=True, help="reference image or folder (the concept's photos)")
+    p.add_argument("--prompts", nargs="+", help="prompt(s) of a plain folder: one for all images or one per image")
+    p.add_argument("--placeholder", default="sks", help="token removed from prompts for TS")
+    p.add_argument("--class", dest="class_name", default="", help="class word (fills {0} with --prompt-set)")
+    p.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), help="print the DreamBooth prompt set and exit")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model folder or hub id (default {DEFAULT_CLIP})")
+    p.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO/DINOv2 model, or 'none' (default {DEFAULT_DINO})")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="report.json")
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_folder, format_table, prompt_set
+    if a.prompt_set:
+        print("\n".join(prompt_set(a.prompt_set, a.placeholder, a.class_name)))
+        return 0
+    report = evaluate_folder(a.images, a.reference, a.out, a.prompts, a.placeholder, a.clip, a.dino,
+                             a.batch_size, a.device)
+    print(format_table(report))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-output", help="output folder")
+    p.add_argument("--steps", type=int, help="training steps per method (default: the toy-world recipe, 400 at lr 5e-3)")
+    p.add_argument("--rank", type=int, default=64, help="adapter rank of both methods (default 64)")
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo   # trains two adapters: accelerate and the toy-world model
+    for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value} must be at least 1")
+    sheet = run_demo(Path(a.out), a.steps, a.rank)
+    print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
+    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tlora", description="T-LoRA: timestep-dependent LoRA for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -151,10 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--plot", help="write active rank vs timestep to this PNG")
     i.set_defaults(func=_cmd_inspect)
-    from . import demo, evaluate, train
-    train.add_cli(sub)
-    evaluate.add_cli(sub)
-    demo.add_cli(sub)
+    t = sub.add_parser("train", help="train a T-LoRA (tlora JSON, SimpleTuner config.json, or official flags)",
+                       description="Train a T-LoRA. Give --config FILE (tlora or SimpleTuner JSON) with optional "
+                                   "--set key=value, or the official repository's flags.")
+    _train_args(t)
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("evaluate", help="IS, DINO-IS and TS of generated images (the paper's metrics)")
+    _evaluate_args(e)
+    e.set_defaults(func=_cmd_evaluate)
+    d = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
+    _demo_args(d)
+    d.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -10,7 +10,6 @@ positions, and writes a side-by-side grid:
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 
@@ -49,22 +48,3 @@ def run_demo(out: Path, steps: int = None, rank: int = 64, n_prompts: int = 6) -
     for method, s in report.items():
         print(f"  {method:<7} text alignment {s['text_alignment']:.2f}  concept fidelity {s['concept_fidelity']:.2f}")
     return path
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
-    p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, help="training steps per method (default: the toy-world recipe, 400 at lr 5e-3)")
-    p.add_argument("--rank", type=int, default=64, help="adapter rank of both methods (default 64)")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(a: argparse.Namespace) -> int:
-    from .errors import UsageError
-    for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{flag} {value} must be at least 1")
-    sheet = run_demo(Path(a.out), a.steps, a.rank)
-    print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
-    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")
-    return 0

@@ -219,22 +219,6 @@ def format_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("evaluate", help="IS, DINO-IS and TS of generated images (the paper's metrics)")
-    p.add_argument("--images", required=True, help="folder of images, or a tlora generate output / generate.json")
-    p.add_argument("--reference", required=True, help="reference image or folder (the concept's photos)")
-    p.add_argument("--prompts", nargs="+", help="prompt(s) of a plain folder: one for all images or one per image")
-    p.add_argument("--placeholder", default="sks", help="token removed from prompts for TS")
-    p.add_argument("--class", dest="class_name", default="", help="class word (fills {0} with --prompt-set)")
-    p.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), help="print the DreamBooth prompt set and exit")
-    p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model folder or hub id (default {DEFAULT_CLIP})")
-    p.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO/DINOv2 model, or 'none' (default {DEFAULT_DINO})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="report.json")
-    p.set_defaults(func=_cmd_evaluate)
-
-
 def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeholder="sks", clip=DEFAULT_CLIP,
                     dino: Optional[str] = DEFAULT_DINO, batch_size=32, device="cpu") -> dict:
     if batch_size <= 0:
@@ -253,14 +237,3 @@ def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeho
     out_p.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, out_p)
     return report
-
-
-def _cmd_evaluate(a) -> int:
-    if a.prompt_set:
-        print("\n".join(prompt_set(a.prompt_set, a.placeholder, a.class_name)))
-        return 0
-    report = evaluate_folder(a.images, a.reference, a.out, a.prompts, a.placeholder, a.clip, a.dino,
-                             a.batch_size, a.device)
-    print(format_table(report))
-    print(f"wrote {a.out}")
-    return 0

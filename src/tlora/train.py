@@ -7,10 +7,7 @@ masks → loss → backward) with checkpoints and validation along the way, and 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,7 +34,7 @@ from .fileio import save_png, write_json
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
-from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
+from .trainconfig import TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -421,38 +418,3 @@ def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
     acc.wait_for_everyone()
     acc.end_training()
     return final
-
-
-# -- CLI ------------------------------------------------------------------------------------------------------
-def add_cli(sub) -> None:
-    p = sub.add_parser("train", help="train a T-LoRA (tlora JSON, SimpleTuner config.json, or official flags)",
-                       description="Train a T-LoRA. Give --config FILE (tlora or SimpleTuner JSON) with optional "
-                                   "--set key=value, or the official repository's flags.")
-    p.add_argument("--config", help="tlora JSON or SimpleTuner config.json (with lycoris_config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (nested: tlora.rank=16); repeatable")
-    p.add_argument("--resume", help="latest | path to a checkpoint-N folder")
-    p.add_argument("--device", help="cpu to force the CPU")
-    off = p.add_argument_group("official T-LoRA flags (ControlGenAI/T-LoRA train.py)")
-    for flag, typ in OFFICIAL_FLAGS.items():
-        off.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(a: argparse.Namespace) -> int:
-    import sys
-
-    official = {k: getattr(a, k) for k in OFFICIAL_FLAGS if getattr(a, k) is not None}
-    if official and a.config:
-        raise UsageError("give either --config or the official flags, not both")
-    sets = list(a.set) + ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
-        ([f"device={json.dumps(a.device)}"] if a.device else [])
-    cfg = load_config(a.config, sets, official or None)
-    try:
-        final = train(cfg)
-    except TrainingError as e:
-        print(f"tlora train: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {final}")
-    return 0
