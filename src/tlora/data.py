@@ -12,9 +12,8 @@ from typing import List, Optional
 import torch
 
 from .errors import UsageError
-from .fileio import first_line
+from .fileio import IMAGE_EXTS, first_line
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass

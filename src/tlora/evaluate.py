@@ -21,11 +21,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .errors import UsageError
-from .fileio import first_line, write_json
+from .fileio import IMAGE_EXTS, first_line, looks_like_hub_id, write_json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 # The DreamBooth evaluation prompts (Ruiz et al. 2023), "{0}" = "placeholder class".
 OBJECT_PROMPTS = [
@@ -73,7 +72,7 @@ def _check_model_dir(name: str, what: str) -> None:
             raise UsageError(f"{what} model {name} is not a folder")
         if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             raise UsageError(f"{what} model folder {name} has no weights (*.safetensors)")
-    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+    elif not looks_like_hub_id(name):
         raise UsageError(f"{what} model not found: {name}")
 
 

@@ -4,6 +4,8 @@
   crash) never sees half a file: :func:`atomic_write`, and on it :func:`write_json`, :func:`save_png`.
 * JSON and YAML mappings (configs, ``hparams.yml``) are read with one-line errors: :func:`read_mapping`.
 * An exception shown to a user is its first line: :func:`first_line`.
+* What counts as an image file (:data:`IMAGE_EXTS`) and as a hub id rather than a local path
+  (:func:`looks_like_hub_id`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ from pathlib import Path
 from typing import Callable, Type
 
 import yaml
+
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` (one slash, not a relative or absolute path): what a model hub would be asked for."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def first_line(e: BaseException) -> str:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from .errors import UsageError
-from .fileio import first_line, save_png, write_json
+from .fileio import first_line, looks_like_hub_id, save_png, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +69,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline)."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     local = Path(model)
-    if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+    if not local.exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise UsageError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
@@ -96,7 +96,7 @@ def load_denoiser(model: str):
     """Only the UNet / transformer of a pipeline (local folder or hub id), by its model_index.json."""
     import diffusers
     from diffusers import DiffusionPipeline
-    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+    if not Path(model).exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     try:
         index = DiffusionPipeline.load_config(model)

@@ -120,6 +120,10 @@ class TLoRAAdapter(nn.Module):
             max_rank = int(used.max()) + 1 if used.numel() else 0
         self._mask, self._shared_rank, self._max_rank = mask, shared_rank, max_rank
 
+    def mask_state(self) -> tuple:
+        """(mask, shared_rank, max_rank) as :meth:`set_mask` takes them back."""
+        return self._mask, self._shared_rank, self._max_rank
+
     def _apply(self, fn, recurse=True):
         # model.to(bf16) / .half() must not touch the adapter's dtype: adapter math stays float32.
         def keep_dtype(t):

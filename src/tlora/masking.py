@@ -47,6 +47,13 @@ class AttachHandle:
         self.steps: list = []
         self._handles: list = []
         self._saved: list = []
+        params = list(inspect.signature(denoiser.forward).parameters)
+        self._t_pos = params.index("timestep") if "timestep" in params else 1   # where a positional t sits
+
+    def _hook(self) -> None:
+        """Mask every forward of the denoiser: set the masks before it, restore them after it."""
+        self._handles = [self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.denoiser.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
 
     def _pre(self, module, args, kwargs):
         t = kwargs.get("timestep", None)
@@ -125,17 +132,13 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
         network = weights_or_network
         if network.model is not denoiser:
             raise ValueError("this network was injected into another model than the pipeline's denoiser")
-    if any(a.merged for a in network.adapters.values()):
-        raise RuntimeError("adapters are merged: a timestep mask cannot act on merged weights; call unmerge() first")
+    network.refuse_if_merged()
     handle = AttachHandle(pipe, denoiser, network, family, owns, network.multiplier, record)
     if multiplier is not None:
         network.multiplier = multiplier
     network.family = family.name
-    params = list(inspect.signature(denoiser.forward).parameters)
-    handle._t_pos = params.index("timestep") if "timestep" in params else 1
     if mask:
-        handle._handles = [denoiser.register_forward_pre_hook(handle._pre, with_kwargs=True),
-                           denoiser.register_forward_hook(handle._post, with_kwargs=True, always_call=True)]
+        handle._hook()
     return handle
 
 

@@ -25,7 +25,7 @@ class TLoRANetwork:
     """The adapters of one model, by module path (``network.adapters["down_blocks.1...to_q"]``)."""
 
     def __init__(self, model: nn.Module, config: TLoRAConfig, adapters: Dict[str, TLoRAAdapter]):
-        self.model, self.config, self.adapters = model, config, adapters
+        self.model, self.config, self.adapters = model, config.replace(), adapters   # a copy: ours to change
         self.family: Optional[str] = None      # set by tlora.attach / training; saved in the file header
         self.header: Optional[dict] = None     # the file header, when loaded from a file
 
@@ -109,8 +109,7 @@ class TLoRANetwork:
     def set_timesteps(self, timesteps: Timesteps) -> Dict[RankSchedule, list[int]]:
         """Mask every adapter for per-sample training-scale timesteps (B,) (or a scalar, shared).
         One mask is computed per distinct schedule. Returns the active ranks per schedule."""
-        if any(a.merged for a in self.adapters.values()):
-            raise RuntimeError("adapters are merged: a timestep mask cannot act on merged weights; call unmerge() first")
+        self.refuse_if_merged()
         out = {}
         for sched, adapters in self.schedules().items():
             ranks = sched.ranks(timesteps)
@@ -125,16 +124,21 @@ class TLoRANetwork:
             out[sched] = ranks
         return out
 
+    def refuse_if_merged(self) -> None:
+        """A timestep mask cannot act on merged weights: refuse while any adapter is merged."""
+        if any(a.merged for a in self.adapters.values()):
+            raise RuntimeError("adapters are merged: a timestep mask cannot act on merged weights; call unmerge() first")
+
     def clear_mask(self) -> None:
         for a in self.adapters.values():
             a.set_mask(None)
 
     def mask_state(self) -> list:
-        return [(a._mask, a._shared_rank, a._max_rank) for a in self.adapters.values()]
+        return [a.mask_state() for a in self.adapters.values()]
 
     def restore_mask_state(self, state: list) -> None:
-        for a, (m, r, mr) in zip(self.adapters.values(), state):
-            a._mask, a._shared_rank, a._max_rank = m, r, mr
+        for a, s in zip(self.adapters.values(), state):
+            a.set_mask(*s)
 
     def __repr__(self) -> str:
         return (f"TLoRANetwork({len(self.adapters)} adapters, {self.num_parameters():,} trainable parameters, "
