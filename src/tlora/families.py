@@ -30,6 +30,8 @@ class Family:
     target_module: tuple          # default targets (the official recipe: attention only)
     guidance: float               # default guidance scale for generation
     resolution: int               # native resolution
+    kohya_prefix: str = "lora_unet_"   # kohya LoRA key prefix (ComfyUI / A1111 / Forge)
+    sgm_names: bool = False            # kohya keys in SGM block names (input_blocks.4.1…) instead of diffusers paths
 
     @property
     def timestep_convention(self) -> str:
@@ -38,11 +40,12 @@ class Family:
 
 FAMILIES = {f.name: f for f in (
     Family("sd15", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 7.5, 512),
-    Family("sdxl", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 5.0, 1024),
-    Family("sd3", "SD3Transformer2DModel", "transformer", 1.0, "flow", ("Attention",), 7.0, 1024),
-    Family("flux", "FluxTransformer2DModel", "transformer", 1000.0, "flow", ("FluxAttention",), 3.5, 1024),
+    Family("sdxl", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 5.0, 1024, sgm_names=True),
+    Family("sd3", "SD3Transformer2DModel", "transformer", 1.0, "flow", ("Attention",), 7.0, 1024, "lora_transformer_"),
+    Family("flux", "FluxTransformer2DModel", "transformer", 1000.0, "flow", ("FluxAttention",), 3.5, 1024,
+           "lora_transformer_"),
     Family("flux2", "Flux2Transformer2DModel", "transformer", 1000.0, "flow",
-           ("Flux2Attention", "Flux2FeedForward", "Flux2ParallelSelfAttention"), 4.0, 1024),
+           ("Flux2Attention", "Flux2FeedForward", "Flux2ParallelSelfAttention"), 4.0, 1024, "lora_transformer_"),
 )}
 
 

@@ -258,11 +258,11 @@ def to_kohya(tensors: Tensors, header: dict, at_timestep: Optional[float] = None
              layers_per_block: Optional[int] = None) -> Tuple[Tensors, Dict[str, str]]:
     """kohya keys with ``.alpha`` tensors (= rank, the scale is folded into lora_up). SDXL uses SGM block
     names (what ComfyUI, A1111 and Forge read); other UNets keep diffusers names; DiTs use lora_transformer_."""
-    fam = header.get("family")
-    sgm = fam == "sdxl"
+    fam = FAMILIES.get(header.get("family"))            # unknown family: diffusers paths under lora_unet_
+    sgm = fam is not None and fam.sgm_names
     if sgm:
         layers_per_block = layers_per_block or (header.get("denoiser_config") or {}).get("layers_per_block", 2)
-    prefix = "lora_unet_" if fam in (None, "sd15", "sdxl") else "lora_transformer_"
+    prefix = fam.kohya_prefix if fam is not None else "lora_unet_"
     out: Tensors = {}
     for path, r in _ranks_at(header, at_timestep).items():
         down, up = lora_factors(tensors, path, header["modules"][path], r)

@@ -13,7 +13,9 @@ import string
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2")
+from .families import FAMILIES as FAMILY_TABLE
+
+FAMILIES = tuple(FAMILY_TABLE)                       # every family of the table has a tiny pipeline
 
 
 def clip_tokenizer():
@@ -100,61 +102,82 @@ def build_denoiser(family: str):
     return getattr(pipe, "unet", None) or pipe.transformer
 
 
-def build_pipeline(family: str = "sd15"):
-    """A complete stock diffusers pipeline with random weights; images are 32×32."""
-    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                           FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+def _sd15():
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    tok = clip_tokenizer()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, clip_sample=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae(), text_encoder=clip_text(len(tok)), tokenizer=tok, unet=unet(),
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     tok = clip_tokenizer()
     n = len(tok)
-    if family == "sd15":
-        sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
-        return StableDiffusionPipeline(vae=vae(), text_encoder=clip_text(n), tokenizer=tok, unet=unet(),
-                                       scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    if family == "sdxl":
-        sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                       beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
-                                       steps_offset=1)
-        return StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text(n, 16), text_encoder_2=clip_text(n, 16, 32, 1),
-                                         tokenizer=tok, tokenizer_2=clip_tokenizer(), unet=unet(sdxl=True),
-                                         scheduler=sched, force_zeros_for_empty_prompt=True)
-    if family == "sd3":
-        torch.manual_seed(0)
-        tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                   pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
-        return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                        vae=vae(shift_factor=0.0609, scaling_factor=1.5035),
-                                        text_encoder=clip_text(n, 16, 16), tokenizer=tok,
-                                        text_encoder_2=clip_text(n, 16, 16, 1), tokenizer_2=clip_tokenizer(),
-                                        text_encoder_3=t5_text(len(t5_tokenizer())), tokenizer_3=t5_tokenizer())
-    if family == "flux":
-        torch.manual_seed(0)
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
-        t5tok = t5_tokenizer()
-        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.1159, scaling_factor=0.3611),
-                            text_encoder=clip_text(n), tokenizer=tok, text_encoder_2=t5_text(len(t5tok)),
-                            tokenizer_2=t5tok, transformer=tr)
-    if family == "flux2":  # Flux.2 Klein: Qwen3 text encoder (layers 9, 18, 27 are stacked), Flux.2 VAE
-        from diffusers import AutoencoderKLFlux2
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        tok = qwen_tokenizer()
-        torch.manual_seed(0)
-        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
-                                          head_dim=8, max_position_embeddings=512)).eval()
-        torch.manual_seed(0)
-        v = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                               sample_size=32, layers_per_block=1).eval()
-        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=v, text_encoder=te, tokenizer=tok,
-                                  transformer=flux2_transformer())
-    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text(n, 16), text_encoder_2=clip_text(n, 16, 32, 1),
+                                     tokenizer=tok, tokenizer_2=clip_tokenizer(), unet=unet(sdxl=True),
+                                     scheduler=sched, force_zeros_for_empty_prompt=True)
+
+
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    tok = clip_tokenizer()
+    n = len(tok)
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                               pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+    return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae(shift_factor=0.0609, scaling_factor=1.5035),
+                                    text_encoder=clip_text(n, 16, 16), tokenizer=tok,
+                                    text_encoder_2=clip_text(n, 16, 16, 1), tokenizer_2=clip_tokenizer(),
+                                    text_encoder_3=t5_text(len(t5_tokenizer())), tokenizer_3=t5_tokenizer())
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    tok = clip_tokenizer()
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    t5tok = t5_tokenizer()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.1159, scaling_factor=0.3611),
+                        text_encoder=clip_text(len(tok)), tokenizer=tok, text_encoder_2=t5_text(len(t5tok)),
+                        tokenizer_2=t5tok, transformer=tr)
+
+
+def _flux2():
+    """Flux.2 Klein: Qwen3 text encoder (layers 9, 18, 27 are stacked), Flux.2 VAE."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = qwen_tokenizer()
+    torch.manual_seed(0)
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=8, max_position_embeddings=512)).eval()
+    torch.manual_seed(0)
+    v = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                           sample_size=32, layers_per_block=1).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=v, text_encoder=te, tokenizer=tok,
+                              transformer=flux2_transformer())
+
+
+BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2}
+assert tuple(BUILDERS) == FAMILIES, "one tiny pipeline per family of tlora.families"
+
+
+def build_pipeline(family: str = "sd15"):
+    """A complete stock diffusers pipeline with random weights; images are 32×32."""
+    if family not in BUILDERS:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    return BUILDERS[family]()
 
 
 def save_clip(path) -> None:
