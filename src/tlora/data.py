@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from PIL import Image, ImageOps
 
 from .errors import UsageError
 from .fileio import IMAGE_EXTS, first_line
@@ -39,7 +40,6 @@ def find_images(data_dir: str, one_image: Optional[str] = None) -> List[Path]:
 
 def check_images(paths: List[Path]) -> None:
     """Open every image header; one clear line for the first that cannot be read."""
-    from PIL import Image
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -50,7 +50,6 @@ def check_images(paths: List[Path]) -> None:
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Centre crop to a square, resize to ``resolution``; (3, res, res) float32 in [-1, 1]."""
-    from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")

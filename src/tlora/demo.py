@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
+from .errors import UsageError
+from .fileio import save_png
+from .generate import contact_sheet, load_pipeline
+from .toyworld.experiment import (CONCEPTS, STEPS, concept_prompt, default_model, personalise, sample, score,
+                                  test_prompts)
+from .toyworld.world import render
+
 
 def run_demo(out: Path, steps: int = None, rank: int = 64, n_prompts: int = 6) -> Path:
-    from PIL import Image
-
-    from .errors import UsageError
-    from .fileio import save_png
-    from .generate import contact_sheet, load_pipeline
-    from .toyworld.experiment import (CONCEPTS, STEPS, concept_prompt, default_model, personalise, sample, score,
-                                      test_prompts)
-    from .toyworld.world import render
-
     steps = steps or STEPS
     model = default_model()
     if not (model / "model_index.json").is_file():

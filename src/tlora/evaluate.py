@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from PIL import Image
 
 from .errors import UsageError
 from .fileio import IMAGE_EXTS, first_line, looks_like_hub_id, write_json
@@ -162,7 +163,6 @@ def scores(emb: Embedder, images: list, prompts: Optional[List[Optional[str]]], 
 
 
 def _open_images(paths: List[Path], what: str, same_size: bool):
-    from PIL import Image
     images = []
     for p in paths:
         try:

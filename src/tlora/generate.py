@@ -5,15 +5,24 @@ per-step mask comes from the weights file's own header (rank, min_rank, exponent
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import diffusers
 import torch
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from packaging.version import Version
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .families import denoiser_of, detect
 from .fileio import first_line, looks_like_hub_id, save_png, write_json
+from .masking import attach
+from .weights import WeightsFileError, read_header
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,14 +76,11 @@ def read_prompts_file(path: str) -> List[str]:
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline)."""
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     local = Path(model)
     if not local.exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise UsageError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    import diffusers
-    from packaging.version import Version
     # diffusers 0.36 renamed torch_dtype to dtype
     dkw = {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
     try:
@@ -94,8 +100,6 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
 
 def load_denoiser(model: str):
     """Only the UNet / transformer of a pipeline (local folder or hub id), by its model_index.json."""
-    import diffusers
-    from diffusers import DiffusionPipeline
     if not Path(model).exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     try:
@@ -110,7 +114,6 @@ def load_denoiser(model: str):
 
 def contact_sheet(images: list, cols: int):
     """Images (PIL, same size) in a grid of ``cols`` columns."""
-    from PIL import Image
     w, h = images[0].size
     rows = math.ceil(len(images) / cols)
     sheet = Image.new("RGB", (cols * w, rows * h), "white")
@@ -123,9 +126,6 @@ def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: i
                   negative_prompt: Optional[str] = None, height: Optional[int] = None,
                   width: Optional[int] = None, progress: bool = True):
     """[(prompt, seed, PIL image)]: image j of every prompt uses seed + j, so prompts are comparable."""
-    import inspect
-
-    from tqdm.auto import tqdm
     accepts = set(inspect.signature(pipe.__call__).parameters)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance)
     if negative_prompt and "negative_prompt" in accepts:
@@ -148,10 +148,6 @@ def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: i
 
 def run_generate(s: GenerateSettings) -> Path:
     """Validate, load, attach, generate; writes PNGs, grid.png and generate.json into ``s.out``."""
-    from .families import denoiser_of, detect
-    from .masking import attach
-    from .weights import WeightsFileError, read_header
-
     s.validate()
     header = None
     if s.weights:

@@ -10,17 +10,26 @@ A concept is a held-out shape in a fixed colour ("sks shape"). Each method train
 """
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from ..config import TLoRAConfig
+from ..generate import load_pipeline
+from ..masking import attach
+from ..train import train
+from ..trainconfig import TrainConfig
 from .world import CLASS_WORD, COLOURS, PLACEHOLDER, POSITIONS, Scene, aligned_iou, measure, render
 
 CONCEPTS = [Scene("star", "yellow", "blue", "large", "top left"),
@@ -60,9 +69,6 @@ STEPS, LR = 400, 5e-3   # one image, batch 4: at 1e-3 × 200 steps neither metho
 def personalise(model: Path, concept: Scene, method: str, rank: int, steps: int, seed: int, out: Path,
                 lr: float = LR, batch: int = 4, targets=TARGETS) -> Path:
     """Train one adapter on one image of ``concept``; returns the weights file."""
-    from ..config import TLoRAConfig
-    from ..train import train
-    from ..trainconfig import TrainConfig
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     render(concept).save(data / "concept.png")
@@ -72,7 +78,6 @@ def personalise(model: Path, concept: Scene, method: str, rank: int, steps: int,
     cfg = TrainConfig(model=str(model), data_dir=str(data), output_dir=str(out / "run"), resolution=32,
                       max_steps=steps, batch_size=batch, learning_rate=lr, seed=seed, checkpointing_steps=steps,
                       checkpoints_total_limit=1, num_validation_images=0, device="cpu", tlora=tl)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return train(cfg)
@@ -81,7 +86,6 @@ def personalise(model: Path, concept: Scene, method: str, rank: int, steps: int,
 @torch.no_grad()
 def sample(pipe, weights: Path, scenes: List[Scene], concept: Scene, seed: int, steps: int = 25,
            guidance: float = 3.0):
-    from ..masking import attach
     prompts = [concept_prompt(concept, s.background, s.position) for s in scenes]
     with attach(pipe, weights):
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
@@ -127,7 +131,6 @@ _PIPES: Dict[str, object] = {}   # per process: the base pipeline, loaded once
 
 def _pipe(model: str):
     if model not in _PIPES:
-        from ..generate import load_pipeline
         _PIPES[model] = load_pipeline(model)
     return _PIPES[model]
 
@@ -142,7 +145,6 @@ def run_one(run: Run) -> RunResult:
 
 
 def _worker_init(threads: int) -> None:
-    import warnings
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
 
@@ -156,9 +158,6 @@ def run_grid(model: Path, concepts: List[int], seeds: List[int], ranks: List[int
     processes did about 1.6× the steps of one two-thread process; the default benchmark grid, 36 runs, took
     22.9 min with jobs=2 where one run at a time took 51.8 min, on an earlier base model of the same size). A
     run's numbers depend on its seed only, not on which process ran it."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     with tempfile.TemporaryDirectory() as tmp:
         runs = [Run(str(model), ci, seed, rank, method, steps, n_prompts, lr, tmp)
                 for ci in concepts for seed in seeds for rank in ranks for method in methods]

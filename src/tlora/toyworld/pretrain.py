@@ -24,19 +24,23 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import OneLineParser
+from ..generate import load_pipeline
 from .world import CLASS_WORD, NEW_SHAPES, SHAPES, measure, render, sample_scene, vocabulary
 
 
 def build_tokenizer():
     """A CLIPTokenizer whose BPE merges (trained with the tokenizers library) make every world word one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
     words = sorted({w.strip(",") for w in vocabulary()}) + [","]
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -53,8 +57,6 @@ def build_tokenizer():
 
 
 def build_models(tokenizer, seed: int = 0):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
@@ -119,7 +121,6 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
     position near chance in 3 of 4; 0.5 from 500 and 0.8 from 500 learnt it in 1 of 3 and 1 of 2; 0.8 from
     800 (the default, the shipped model's recipe, 2 threads) learnt it on all 3 seeds run (100, 96, 100 %).
     ``eval_every``: log the caption-following figure (40 captions) every that many steps (0 = never)."""
-    from diffusers import DDPMScheduler
     scenes, caps = dataset(n_images, seed)
     with torch.no_grad():
         lat = torch.cat([vae.encode(to_tensor([render(s) for s in scenes[i:i + 512]])).latent_dist.mean
@@ -180,7 +181,6 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
 
 
 def assemble(vae, text, unet, tokenizer):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           timestep_spacing="leading")
@@ -211,7 +211,6 @@ def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, gui
 
 
 def main(argv=None) -> int:
-    from ..errors import OneLineParser
     ap = OneLineParser(prog="python -m tlora.toyworld.pretrain",
                        description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
@@ -239,10 +238,8 @@ def main(argv=None) -> int:
                     help="log caption following on 40 captions every N denoiser steps (default 0: never)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
-    import warnings
     warnings.filterwarnings("ignore")
     if a.evaluate:
-        from ..generate import load_pipeline
         print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100), indent=1))
         return 0
     if not a.out:
