@@ -10,13 +10,17 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from .errors import OneLineParser as _Parser
 from .errors import UsageError
-from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS
+from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
 from .fileio import atomic_write
+from .formats import read_state, summary, write_state
+from .schedule import RankSchedule
 from .trainconfig import OFFICIAL_FLAGS, load_config
+from .weights import WeightsFileError, network_from_state
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +48,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .generate import GenerateSettings, read_prompts_file, run_generate
-    from .evaluate import prompt_set
+    from .generate import GenerateSettings, read_prompts_file, run_generate   # diffusers: loaded when it runs
     prompts = list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])
     if a.prompt_set:
         prompts += prompt_set(a.prompt_set, a.placeholder, a.class_name)
@@ -59,11 +62,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .formats import read_state, write_state
-    from .generate import load_denoiser
-    from .weights import WeightsFileError, network_from_state
+    from .generate import load_denoiser   # diffusers: loaded when it runs
     if not Path(a.input).is_file():
         raise UsageError(f"input file not found: {a.input}")
     if a.at_timestep is not None and not (0 <= a.at_timestep <= 1000):
@@ -82,8 +81,6 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from .formats import summary
-    from .schedule import RankSchedule
     try:
         info = summary(a.file)
     except ValueError as e:
@@ -116,7 +113,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 def _plot(scheds, path: str) -> None:
     try:
-        import matplotlib
+        import matplotlib   # optional (the plot extra)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -179,7 +176,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folder, format_table, prompt_set
+    from .evaluate import evaluate_folder, format_table   # transformers' CLIP / DINO: loaded when it runs
     if a.prompt_set:
         print("\n".join(prompt_set(a.prompt_set, a.placeholder, a.class_name)))
         return 0
@@ -197,8 +194,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .demo import run_demo   # trains two adapters: accelerate and the toy-world model
     for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
         if value is not None and value <= 0:
@@ -248,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     parser = build_parser()
     args = parser.parse_args(argv)
-    import diffusers
+    import diffusers      # after parsing: a bad argument or --help never waits for them
     import transformers
     diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
     transformers.utils.logging.disable_progress_bar()

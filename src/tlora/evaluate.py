@@ -82,7 +82,7 @@ class Embedder:
 
     def __init__(self, clip: str = DEFAULT_CLIP, dino: Optional[str] = DEFAULT_DINO, device: str = "cpu",
                  batch_size: int = 32):
-        from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor   # only when evaluating
         _check_model_dir(clip, "CLIP")
         if dino:
             _check_model_dir(dino, "DINO")

@@ -122,7 +122,7 @@ def _pack_flux(x):
 
 
 def _call_flux(den, x, t, cond):
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline   # diffusers pipelines: only training needs them; `import tlora` stays light
     b, c, h, w = x.shape
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
     guidance = (torch.full((b,), 1.0, device=x.device, dtype=torch.float32)
@@ -138,7 +138,7 @@ def _encode_flux2(pipe, prompts, device):
 
 
 def _flux2_pipeline_cls():
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline   # as above
     return Flux2KleinPipeline
 
 

@@ -12,6 +12,15 @@ from __future__ import annotations
 import string
 
 import torch
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, DDPMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                          CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Dinov2Config, Dinov2Model,
+                          Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel, T5TokenizerFast)
 
 from .families import FAMILIES as FAMILY_TABLE
 
@@ -20,7 +29,6 @@ FAMILIES = tuple(FAMILY_TABLE)                       # every family of the table
 
 def clip_tokenizer():
     """A character-level CLIP BPE tokenizer (no merges: each character is one token)."""
-    from transformers import CLIPTokenizer
     chars = string.ascii_lowercase + string.digits + string.punctuation
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars:
@@ -30,7 +38,6 @@ def clip_tokenizer():
 
 
 def t5_tokenizer():
-    from transformers import T5TokenizerFast
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
     pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
@@ -38,7 +45,6 @@ def t5_tokenizer():
 
 
 def clip_text(vocab_size, hidden=32, projection=None, seed=0):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
@@ -47,7 +53,6 @@ def clip_text(vocab_size, hidden=32, projection=None, seed=0):
 
 
 def t5_text(vocab_size, d_model=32, seed=0):
-    from transformers import T5Config, T5EncoderModel
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -55,7 +60,6 @@ def t5_text(vocab_size, d_model=32, seed=0):
 
 
 def vae(latent_channels=4, **kw):
-    from diffusers import AutoencoderKL
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
@@ -63,7 +67,6 @@ def vae(latent_channels=4, **kw):
 
 
 def unet(sdxl=False, cross_attention_dim=32):
-    from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     extra = {}
     if sdxl:
@@ -77,8 +80,6 @@ def unet(sdxl=False, cross_attention_dim=32):
 
 def qwen_tokenizer():
     """A byte-level BPE tokenizer with no merges (one token per byte) and a plain chat template."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2TokenizerFast
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         vocab[special] = len(vocab)
@@ -88,7 +89,6 @@ def qwen_tokenizer():
 
 
 def flux2_transformer(joint_attention_dim=48):
-    from diffusers import Flux2Transformer2DModel
     torch.manual_seed(0)
     return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                    attention_head_dim=16, num_attention_heads=2,
@@ -103,7 +103,6 @@ def build_denoiser(family: str):
 
 
 def _sd15():
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
     tok = clip_tokenizer()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, clip_sample=False, steps_offset=1)
@@ -113,7 +112,6 @@ def _sd15():
 
 
 def _sdxl():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     tok = clip_tokenizer()
     n = len(tok)
     sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -124,7 +122,6 @@ def _sdxl():
 
 
 def _sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     tok = clip_tokenizer()
     n = len(tok)
     torch.manual_seed(0)
@@ -139,7 +136,6 @@ def _sd3():
 
 
 def _flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     tok = clip_tokenizer()
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
@@ -153,9 +149,6 @@ def _flux():
 
 def _flux2():
     """Flux.2 Klein: Qwen3 text encoder (layers 9, 18, 27 are stacked), Flux.2 VAE."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     tok = qwen_tokenizer()
     torch.manual_seed(0)
     te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
@@ -182,7 +175,6 @@ def build_pipeline(family: str = "sd15"):
 
 def save_clip(path) -> None:
     """A tiny random CLIPModel + CLIPProcessor saved to ``path`` (for evaluation tests)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     torch.manual_seed(0)
     tok = clip_tokenizer()
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -198,7 +190,6 @@ def save_clip(path) -> None:
 
 def save_dinov2(path) -> None:
     """A tiny random DINOv2 ViT and its image processor saved to ``path``."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              image_size=32, patch_size=8)).eval().save_pretrained(path)
