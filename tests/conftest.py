@@ -1,17 +1,13 @@
-"""Tiny models built offline from configs, shared by the tests."""
+"""Shared test fixtures: the tiny UNet, its inputs, and moving adapters off their init."""
 import pytest
 import torch
 
+from tlora import tiny
+
 
 def tiny_unet(cross_attention_dim=32, **kw):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-               attention_head_dim=8, norm_num_groups=8)
-    cfg.update(kw)
-    return UNet2DConditionModel(**cfg).eval()
+    """tlora.tiny's UNet (seeded), at sample size 8."""
+    return tiny.unet(cross_attention_dim=cross_attention_dim, **{"sample_size": 8, **kw})
 
 
 @pytest.fixture
@@ -19,9 +15,16 @@ def unet():
     return tiny_unet()
 
 
-def perturb(network, seed=1, std=0.05):
-    """Move every trainable adapter tensor off its init so deltas and gradients are non-zero."""
+def unet_inputs(b=2, cross=32, seed=0):
+    """(latents (b, 4, 8, 8), text context (b, 5, cross)) for the tiny UNet."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, cross, generator=g)
+
+
+def perturb(module, seed=1, std=0.05):
+    """Move every parameter of an adapter or a network (its trainable tensors) off its init, so deltas and
+    gradients are non-zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in network.trainable_parameters():
+        for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)

@@ -12,7 +12,7 @@ from tlora.cli import main
 from tlora.formats import detect_format, sgm_path
 from tlora.tiny import build_pipeline
 
-from conftest import perturb, tiny_unet
+from conftest import perturb, tiny_unet, unet_inputs
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
@@ -25,11 +25,6 @@ def no_lycoris_gc(monkeypatch):
     monkeypatch.setattr(lyc_tlora.gc, "collect", lambda *a: 0)
 
 
-def unet_io(b=2, cross=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, cross, generator=g)
-
-
 def set_all_masks(net, k):
     for a in net.adapters.values():
         a.set_mask((torch.arange(a.rank) < k).float()[None])
@@ -39,7 +34,7 @@ def set_all_masks(net, k):
 def test_lycoris_made_file_loads_and_matches_lycoris_output(tmp_path, k):
     unet = tiny_unet()
     net = lycoris_tlora_file(unet, tmp_path / "lyc.safetensors", 4, 2, 1, 1.0, lambda_scale=1.2, restore=False)
-    x, c = unet_io()
+    x, c = unet_inputs()
     lyc_tlora.set_timestep_mask((torch.arange(4) < k).float()[None])
     try:
         with torch.no_grad():
@@ -93,7 +88,7 @@ def test_our_lycoris_export_loads_in_lycoris_with_our_full_rank_output(tmp_path,
            "paper": TLoRAConfig(rank=4), "vanilla": TLoRAConfig(rank=4, variant="vanilla")}[form]
     net = tlora.inject(unet, cfg)
     perturb(net)
-    x, c = unet_io()
+    x, c = unet_inputs()
     with torch.no_grad():
         ours = unet(x, 500, c).sample
     tlora.save(net, tmp_path / "w.safetensors", metadata={"family": "sd15"})

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from tlora import TLoRAAdapter
 from tlora import functional as Fn
 
+from conftest import perturb
+
 R = 6
 
 LAYERS = {
@@ -31,13 +33,6 @@ def inputs(base, b=2):
     if isinstance(base, nn.Linear):
         return torch.randn(b, 5, base.in_features, generator=g)
     return torch.randn(b, base.in_channels, 9, 9, generator=g)
-
-
-def perturb(adapter, std=0.1):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def plain(base, x):
@@ -73,7 +68,7 @@ def truncated_reference(base, a, x, k):
 @pytest.mark.parametrize("kind", KINDS[:3])
 def test_rank_k_mask_equals_truncated_adapter(layer, kind):
     base, a = make(layer, kind, alpha=3.0, multiplier=0.7)
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base)
     for k in (1, 3, R):
         m = torch.zeros(1, R)
@@ -93,7 +88,7 @@ def test_rank_k_mask_equals_truncated_adapter(layer, kind):
 @pytest.mark.parametrize("kind", KINDS[:2])
 def test_per_sample_masks_equal_single_runs_outputs_and_gradients(layer, kind):
     base, a = make(layer, kind)
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base, b=4)
     ks = [1, 2, 4, 6]
     masks = torch.stack([torch.arange(R) < k for k in ks]).float()
@@ -118,7 +113,7 @@ def test_per_sample_masks_equal_single_runs_outputs_and_gradients(layer, kind):
 @pytest.mark.parametrize("kind", KINDS[:2])
 def test_masked_ranks_get_exactly_zero_gradient(layer, kind):
     base, a = make(layer, kind)
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base, b=2)
     a.set_mask(torch.stack([torch.arange(R) < 2, torch.arange(R) < 3]).float())
     base(x).square().sum().backward()
@@ -133,7 +128,7 @@ def test_masked_ranks_get_exactly_zero_gradient(layer, kind):
 @pytest.mark.parametrize("kind", KINDS[:3])
 def test_merge_equals_unmerged_and_unmerge_restores_exactly(layer, kind):
     base, a = make(layer, kind, alpha=2.0, multiplier=0.5)
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base)
     w0 = base.weight.detach().clone()
     unmerged = base(x)
@@ -148,7 +143,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(layer, kind):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_multiplier_scales_the_delta(layer):
     base, a = make(layer, KINDS[1])
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base)
     ref = plain(base, x)
     d1 = base(x) - ref
@@ -162,7 +157,7 @@ def test_multiplier_scales_the_delta(layer):
 @pytest.mark.parametrize("kind", KINDS[:2])
 def test_bf16_base_delta_within_1e_3_of_fp32(layer, kind):
     base, a = make(layer, kind)
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     x = inputs(base)
     d32 = a.delta(x)
     base.to(torch.bfloat16)
@@ -206,7 +201,7 @@ def test_orthogonality_loss_zero_at_init_and_positive_after():
     base = nn.Linear(16, 16)
     a = TLoRAAdapter(base, 4, variant="ortho")
     assert a.orthogonality_loss().item() < 1e-10
-    perturb(a)
+    perturb(a, seed=7, std=0.1)
     q, p = a.q.detach(), a.p.detach()
     expected = ((p.T @ p - torch.eye(4)) ** 2).sum() + ((q @ q.T - torch.eye(4)) ** 2).sum()
     torch.testing.assert_close(a.orthogonality_loss(), expected)

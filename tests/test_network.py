@@ -7,14 +7,9 @@ import torch
 import tlora
 from tlora import TLoRAConfig
 
-from conftest import perturb, tiny_unet
+from conftest import perturb, tiny_unet, unet_inputs
 
 CFG = TLoRAConfig(rank=8, min_rank=1, variant="vanilla")
-
-
-def unet_inputs(b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, 32, generator=g)
 
 
 def test_inject_targets_attention_linears_only(unet):

@@ -1,6 +1,5 @@
 """tlora train on tiny pipelines saved to temporary folders (the real from_pretrained path)."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,4 @@
 """The native weights file: exact round trips and one clear error for every broken file."""
-import json
 
 import pytest
 import torch
@@ -9,15 +8,15 @@ import tlora
 from tlora import TLoRAConfig
 from tlora.weights import WeightsFileError, read_header
 
-from conftest import perturb, tiny_unet
+from conftest import perturb, tiny_unet, unet_inputs
 
 KINDS = [("vanilla", "random", "last")] + [("ortho", i, s) for i in ("random", "weight")
                                            for s in ("principal", "last", "middle")]
 
 
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900, 100]), torch.randn(2, 5, 32, generator=g)
+    x, c = unet_inputs(2)
+    return x, torch.tensor([900, 100]), c
 
 
 @pytest.mark.parametrize("kind", KINDS)

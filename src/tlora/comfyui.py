@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -92,7 +93,7 @@ def _flux2_keys(model: comfy.model_base.BaseModel) -> dict:
     diffusers weight names the ComfyUI rows it came from. Weights whose rows are not one contiguous block of one
     ComfyUI weight (the swapped adaLN halves) are left out."""
     try:
-        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert  # diffusers >= 0.36
     except ImportError:
         raise TLoRAComfyError("Flux.2 models need diffusers >= 0.36 (its Flux.2 converter names the modules)") from None
     shapes = {k: t.shape for k, t in model.diffusion_model.state_dict().items() if k.endswith(".weight") and t.dim() >= 2}
@@ -386,12 +387,11 @@ def schedule_text(rows: List[dict]) -> str:
 def schedule_image(rows: List[dict]) -> torch.Tensor:
     """Active rank against sampler step, as a ComfyUI IMAGE (1, H, W, 3) float in [0, 1] (matplotlib)."""
     try:
-        import matplotlib
+        import matplotlib   # optional (the comfyui extra)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise TLoRAComfyError("the schedule image needs matplotlib: pip install 'tlora[comfyui]'") from None
-    import numpy as np
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [r["step"] for r in rows]
     for name in rows[0]["ranks"]:

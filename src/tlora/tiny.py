@@ -66,16 +66,16 @@ def vae(latent_channels=4, **kw):
                          norm_num_groups=4, sample_size=32, **kw).eval()
 
 
-def unet(sdxl=False, cross_attention_dim=32):
+def unet(sdxl=False, cross_attention_dim=32, **overrides):
     torch.manual_seed(0)
     extra = {}
     if sdxl:
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 1))
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra).eval()
+    cfg = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra)
+    return UNet2DConditionModel(**{**cfg, **overrides}).eval()
 
 
 def qwen_tokenizer():
