@@ -27,6 +27,7 @@ from . import functional as Fn
 from .config import TLoRAConfig
 from .families import FAMILIES
 from .fileio import read_mapping
+from .layers import FORMS
 from .network import TLoRANetwork
 from .schedule import active_rank
 from .weights import (ModuleSpec, WeightsFileError, atomic_save_file, make_header, network_from_state, parse_header,
@@ -196,14 +197,8 @@ def lora_factors(tensors: Tensors, path: str, spec: dict, r: Optional[int] = Non
     up = [P, −P0]."""
     r = spec["rank"] if r is None else r
     scale = spec["alpha"] / spec["rank"]
-    if spec["variant"] == "vanilla":
-        down, up = tensors[f"{path}.lora_down"][:r], tensors[f"{path}.lora_up"][:, :r]
-    else:
-        q, p, lam = tensors[f"{path}.q"][:r], tensors[f"{path}.p"][:, :r], tensors[f"{path}.lam"][:r]
-        q0, p0, lam0 = tensors[f"{path}.q0"][:r], tensors[f"{path}.p0"][:, :r], tensors[f"{path}.lam0"][:r]
-        d2, u2 = Fn.ortho_as_lora(q.reshape(r, -1), p.reshape(p.shape[0], r), lam, q0.reshape(r, -1),
-                                  p0.reshape(p0.shape[0], r), lam0)
-        down, up = d2.reshape(2 * r, *q.shape[1:]), u2.reshape(p.shape[0], 2 * r, *p.shape[2:])
+    form = FORMS[spec["variant"]]
+    down, up = form.factors({n: tensors[f"{path}.{n}"] for n in form.tensors}, r)
     return down.float().contiguous(), (up.float() * scale).contiguous()
 
 

@@ -16,7 +16,7 @@ Adapter math runs in float32 whatever the base dtype; the delta is cast back to 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,9 +25,98 @@ import torch.nn.functional as F
 from . import functional as Fn
 from .schedule import RankSchedule
 
-VARIANTS = ("vanilla", "ortho")
 INITS = ("random", "weight")
 ADAPTER_ATTR = "tlora_adapter"
+
+
+class Variant:
+    """One adapter form, as PEFT's ``LoraVariant`` and LyCORIS's one class per algorithm: which tensors the
+    adapter holds (``tensors``), how they start, the paths its delta is computed along, its ΔW, and its exact
+    factors as a plain LoRA. Stateless: the tensors live on the adapter (``<path>.<name>`` in files)."""
+    name = ""
+    tensors: tuple = ()
+
+    def create(self, a: "TLoRAAdapter", w: torch.Tensor, generator, init_weights: bool) -> None:
+        raise NotImplementedError
+
+    def paths(self, t: dict, sl: slice) -> list:
+        """[(down (k, in, …), up (out, k, …), per-rank factor (k,) or None)] in float32 for ranks ``sl``."""
+        raise NotImplementedError
+
+    def delta_weight(self, t: dict, rank: int, out_f: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """ΔW (out, in_flat) in float32, masked by ``mask`` (rank,) or full rank."""
+        raise NotImplementedError
+
+    def factors(self, t: dict, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(down (k, in, …), up (out, k, …)) with up ∘ down = the first r ranks' delta, unscaled."""
+        raise NotImplementedError
+
+    def orthogonality_loss(self, t: dict, rank: int) -> Optional[torch.Tensor]:
+        return None
+
+
+class Vanilla(Variant):
+    """y = Wx + scale · up(m ⊙ down(x)); down ~ N(0, 1/rank), up = 0."""
+    name, tensors = "vanilla", ("lora_down", "lora_up")
+
+    def create(self, a, w, generator, init_weights):
+        down = (torch.randn(a.down_shape, generator=generator, device=w.device) / a.rank if init_weights
+                else torch.zeros(a.down_shape, device=w.device))
+        a.lora_down = nn.Parameter(down)
+        a.lora_up = nn.Parameter(torch.zeros(a.up_shape, device=w.device))
+
+    def paths(self, t, sl):
+        return [(t["lora_down"][sl].float(), t["lora_up"][:, sl].float(), None)]
+
+    def delta_weight(self, t, rank, out_f, mask):
+        return Fn.lora_delta(t["lora_down"].reshape(rank, -1), t["lora_up"].reshape(out_f, -1), mask)
+
+    def factors(self, t, r):
+        return t["lora_down"][:r], t["lora_up"][:, :r]
+
+
+class Ortho(Variant):
+    """ΔW = P·diag(λ⊙m)·Q − P0·diag(λ0⊙m)·Q0: Q, P, λ trained; Q0, P0, λ0 frozen copies of their init (SVD)."""
+    name, tensors = "ortho", ("q", "p", "lam", "q0", "p0", "lam0")
+
+    def create(self, a, w, generator, init_weights):
+        out_f, k = w.shape[0], w[0].numel()
+        if init_weights:
+            q, p, lam, a.svd = Fn.svd_init(w.reshape(out_f, -1), a.rank, a.sig_type, generator,
+                                           from_weight=(a.init == "weight"), method=a.svd)
+        else:  # about to be loaded from a file: skip the SVD
+            if a.rank > min(out_f, k):
+                raise ValueError(f"ortho rank {a.rank} exceeds min(out, in) = {min(out_f, k)} of the layer")
+            q, p, lam = (torch.zeros(a.rank, k, device=w.device), torch.zeros(out_f, a.rank, device=w.device),
+                         torch.zeros(a.rank, device=w.device))
+        a.q = nn.Parameter(q.reshape(a.down_shape).clone())
+        a.p = nn.Parameter(p.reshape(a.up_shape).clone())
+        a.lam = nn.Parameter(lam.clone())
+        a.register_buffer("q0", q.reshape(a.down_shape).clone())
+        a.register_buffer("p0", p.reshape(a.up_shape).clone())
+        a.register_buffer("lam0", lam.clone())
+
+    def paths(self, t, sl):
+        # trained minus frozen, computed the same way so that at init they cancel exactly
+        return [(t["q"][sl].float(), t["p"][:, sl].float(), t["lam"][sl].float()),
+                (t["q0"][sl].float(), t["p0"][:, sl].float(), t["lam0"][sl].float())]
+
+    def delta_weight(self, t, rank, out_f, mask):
+        return Fn.ortho_delta(t["q"].reshape(rank, -1), t["p"].reshape(out_f, -1), t["lam"],
+                              t["q0"].reshape(rank, -1), t["p0"].reshape(out_f, -1), t["lam0"], mask)
+
+    def factors(self, t, r):
+        q, p = t["q"][:r], t["p"][:, :r]
+        d2, u2 = Fn.ortho_as_lora(q.reshape(r, -1), p.reshape(p.shape[0], r), t["lam"][:r],
+                                  t["q0"][:r].reshape(r, -1), t["p0"][:, :r].reshape(p.shape[0], r), t["lam0"][:r])
+        return d2.reshape(2 * r, *q.shape[1:]), u2.reshape(p.shape[0], 2 * r, *p.shape[2:])
+
+    def orthogonality_loss(self, t, rank):
+        return Fn.orthogonality_loss(t["q"].reshape(rank, -1), t["p"].reshape(t["p"].shape[0], -1))
+
+
+FORMS = {v.name: v for v in (Vanilla(), Ortho())}     # variant name → its type
+VARIANTS = tuple(FORMS)
 
 
 class TLoRAAdapter(nn.Module):
@@ -62,30 +151,10 @@ class TLoRAAdapter(nn.Module):
         object.__setattr__(self, "_base", base)  # a reference, not a child: the base owns the adapter
 
         w = base.weight.detach()
-        out_f = w.shape[0]
-        down_shape = (rank, *w.shape[1:])                     # (R, in) or (R, in, kh, kw)
-        up_shape = (out_f, rank) + ((1, 1) if self.is_conv else ())
-        dev = w.device
-        if variant == "vanilla":
-            down = (torch.randn(down_shape, generator=generator, device=dev) / rank if init_weights  # N(0, 1/rank)
-                    else torch.zeros(down_shape, device=dev))
-            self.lora_down = nn.Parameter(down)
-            self.lora_up = nn.Parameter(torch.zeros(up_shape, device=dev))
-        else:
-            if init_weights:
-                q, p, lam, self.svd = Fn.svd_init(w.reshape(out_f, -1), rank, sig_type, generator,
-                                                  from_weight=(init == "weight"), method=svd)
-            else:  # about to be loaded from a file: skip the SVD
-                if rank > min(out_f, w[0].numel()):
-                    raise ValueError(f"ortho rank {rank} exceeds min(out, in) = {min(out_f, w[0].numel())} of the layer")
-                q, p, lam = (torch.zeros(rank, w[0].numel(), device=dev), torch.zeros(out_f, rank, device=dev),
-                             torch.zeros(rank, device=dev))
-            self.q = nn.Parameter(q.reshape(down_shape).clone())
-            self.p = nn.Parameter(p.reshape(up_shape).clone())
-            self.lam = nn.Parameter(lam.clone())
-            self.register_buffer("q0", q.reshape(down_shape).clone())
-            self.register_buffer("p0", p.reshape(up_shape).clone())
-            self.register_buffer("lam0", lam.clone())
+        self.down_shape = (rank, *w.shape[1:])                     # (R, in) or (R, in, kh, kw)
+        self.up_shape = (w.shape[0], rank) + ((1, 1) if self.is_conv else ())
+        self.form: Variant = FORMS[variant]
+        self.form.create(self, w, generator, init_weights)
         self._mask: Optional[torch.Tensor] = None      # (B, R) float32, or None = full rank
         self._shared_rank: Optional[int] = None        # r when every row of the mask is the same prefix
         self._max_rank: Optional[int] = None           # per-sample masks: no row has a 1 past this rank
@@ -135,11 +204,10 @@ class TLoRAAdapter(nn.Module):
     def _paths(self, r: Optional[int]):
         """[(down (k, in, …), up (out, k, …), per-rank factor (k,) or None)] in float32, first r ranks.
         Ortho has two paths, trained minus frozen, computed the same way so that at init they cancel exactly."""
-        sl = slice(None) if r is None else slice(0, r)
-        if self.variant == "vanilla":
-            return [(self.lora_down[sl].float(), self.lora_up[:, sl].float(), None)]
-        return [(self.q[sl].float(), self.p[:, sl].float(), self.lam[sl].float()),
-                (self.q0[sl].float(), self.p0[:, sl].float(), self.lam0[sl].float())]
+        return self.form.paths(self._tensors(), slice(None) if r is None else slice(0, r))
+
+    def _tensors(self) -> dict:
+        return {n: getattr(self, n) for n in self.form.tensors}
 
     def _down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self._base._conv_forward(x, w, None) if self.is_conv else F.linear(x, w)
@@ -179,19 +247,14 @@ class TLoRAAdapter(nn.Module):
 
     def delta_weight(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """multiplier · scale · ΔW in the base weight's shape, float32. ``mask`` (R,) or None (full rank)."""
-        out_f = self._base.weight.shape[0]
-        if self.variant == "vanilla":
-            d = Fn.lora_delta(self.lora_down.reshape(self.rank, -1), self.lora_up.reshape(out_f, -1), mask)
-        else:
-            d = Fn.ortho_delta(self.q.reshape(self.rank, -1), self.p.reshape(out_f, -1), self.lam,
-                               self.q0.reshape(self.rank, -1), self.p0.reshape(out_f, -1), self.lam0, mask)
+        d = self.form.delta_weight(self._tensors(), self.rank, self._base.weight.shape[0], mask)
         return (d * (self.scale * self.multiplier)).reshape(self._base.weight.shape)
 
     def orthogonality_loss(self) -> torch.Tensor:
         """‖PᵀP − I‖² + ‖QQᵀ − I‖² (ortho only; 0 for vanilla)."""
-        if self.variant != "ortho":
-            return torch.zeros((), device=self.lora_down.device)
-        return Fn.orthogonality_loss(self.q.reshape(self.rank, -1), self.p.reshape(self.p.shape[0], -1))
+        t = self._tensors()
+        loss = self.form.orthogonality_loss(t, self.rank)
+        return loss if loss is not None else torch.zeros((), device=next(iter(t.values())).device)
 
     # -- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()

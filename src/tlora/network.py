@@ -96,7 +96,7 @@ class TLoRANetwork:
 
     def orthogonality_loss(self) -> torch.Tensor:
         """Sum over ortho adapters of ‖PᵀP − I‖² + ‖QQᵀ − I‖²."""
-        losses = [a.orthogonality_loss() for a in self.adapters.values() if a.variant == "ortho"]
+        losses = [a.orthogonality_loss() for a in self.adapters.values()]          # vanilla adapters give 0
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     # -- masks ---------------------------------------------------------------------------------------
