@@ -71,7 +71,7 @@ def assert_node_equals_attach(family, den, base, patched, network):
     assert len(tl.steps) == 10
     for (ts, ranks), (dts, dranks) in zip(tl.steps, handle.steps):
         for sched, r in ranks.items():
-            assert r == [tlora.active_rank(t, sched.max_rank, sched.min_rank, sched.alpha) for t in ts]
+            assert r == [tlora.active_rank(t, sched.max_rank, sched.min_rank, sched.exponent) for t in ts]
         assert next(iter(ranks.values())) == list(dranks)
     first = next(iter(tl.steps[0][1].values()))[0]
     last = next(iter(tl.steps[-1][1].values()))[0]
@@ -108,7 +108,7 @@ def test_lycoris_file_made_by_lycoris_loads_without_typed_schedule_and_equals_tl
         (patched,) = load_node_package()["Load T-LoRA"]().load(base, "lyc.safetensors", 1.0, True)
     with pytest.warns(UserWarning, match="rebuilt"):
         network = tlora.load(loras / "lyc.safetensors", den)
-    assert {(s.max_rank, s.min_rank, s.alpha) for s in network.schedules()} == {(8, 3, 2.0)}
+    assert {(s.max_rank, s.min_rank, s.exponent) for s in network.schedules()} == {(8, 3, 2.0)}
     try:
         assert_node_equals_attach("sdxl", den, base, patched, network)
     finally:
@@ -137,7 +137,7 @@ def test_official_checkpoint_without_hparams_needs_the_schedule_typed_in(loras):
         load.load(base, "bare.safetensors", 1.0, True)
     assert "\n" not in str(e.value)
     (patched,) = load.load(base, "bare.safetensors", 1.0, True, min_rank=3, exponent=2.0)
-    assert {(s.max_rank, s.min_rank, s.alpha) for s in attached(patched)[0].schedules} == {(4, 3, 2.0)}
+    assert {(s.max_rank, s.min_rank, s.exponent) for s in attached(patched)[0].schedules} == {(4, 3, 2.0)}
 
 
 def ksample(patcher, family, seed=0, steps=5):

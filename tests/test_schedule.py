@@ -24,7 +24,7 @@ def test_formula_over_grid(R, Rmin, a, T):
 
 
 def test_reference_table():
-    # ../shared/REFERENCE.md §1 (the seed guide's alpha != 1 rows are wrong)
+    # the paper's formula (the seed guide's rows for α != 1 are wrong)
     ts = [0, 250, 500, 750, 999]
     assert [tlora.active_rank(t, 64, 1, 1.0) for t in ts] == [64, 48, 32, 16, 1]
     assert [tlora.active_rank(t, 64, 1, 2.0) for t in ts] == [64, 36, 16, 4, 1]
@@ -51,7 +51,7 @@ def test_rank_mask_inputs(t, expected_b):
 
 
 @pytest.mark.parametrize("kw,name", [(dict(min_rank=0), "min_rank"), (dict(min_rank=9), "min_rank"),
-                                     (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"),
+                                     (dict(exponent=0.0), "exponent"), (dict(exponent=-1.0), "exponent"),
                                      (dict(num_train_timesteps=0), "num_train_timesteps")])
 def test_invalid_arguments_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -98,7 +98,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         print("active rank by timestep:")
         print("  t".ljust(24) + "".join(f"{t:>6}" for t in ts))
         for s in scheds:
-            print(f"  R={s.max_rank} Rmin={s.min_rank} α={s.alpha:g}".ljust(24) + "".join(f"{r:>6}" for r in s.ranks(ts)))
+            print(f"  R={s.max_rank} Rmin={s.min_rank} α={s.exponent:g}".ljust(24) + "".join(f"{r:>6}" for r in s.ranks(ts)))
     if info["metadata"]:
         print("metadata:")
         for k, v in info["metadata"].items():
@@ -121,7 +121,7 @@ def _plot(scheds, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for s in scheds:
         ts = list(range(0, s.num_train_timesteps + 1, max(1, s.num_train_timesteps // 500)))
-        ax.step(ts, s.ranks(ts), where="post", label=f"R={s.max_rank}, Rmin={s.min_rank}, α={s.alpha:g}")
+        ax.step(ts, s.ranks(ts), where="post", label=f"R={s.max_rank}, Rmin={s.min_rank}, α={s.exponent:g}")
     ax.set_xlabel("timestep t (0 = clean, T = noise)")
     ax.set_ylabel("active ranks")
     ax.legend()

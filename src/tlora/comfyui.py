@@ -370,7 +370,7 @@ def schedule_rows(patcher, sigmas: torch.Tensor) -> List[dict]:
             t = train_timesteps(ms, s.reshape(1), tl.network.config.num_train_timesteps)[0]
             row["t"] = t
             for sched in tl.schedules:
-                row["ranks"][f"{tl.name} R={sched.max_rank} Rmin={sched.min_rank} α={sched.alpha:g}"] = sched.ranks([t])[0]
+                row["ranks"][f"{tl.name} R={sched.max_rank} Rmin={sched.min_rank} α={sched.exponent:g}"] = sched.ranks([t])[0]
         rows.append(row)
     return rows
 

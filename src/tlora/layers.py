@@ -284,7 +284,7 @@ class TLoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant}, rank={self.rank}, alpha={self.alpha:g}, min_rank={self.schedule.min_rank}, "
-                f"exponent={self.schedule.alpha:g}, init={self.init}, sig_type={self.sig_type}")
+                f"exponent={self.schedule.exponent:g}, init={self.init}, sig_type={self.sig_type}")
 
 
 def _add_delta(module: nn.Module, args, output):

@@ -2,7 +2,7 @@
 
 At timestep t (0 = clean, T = pure noise) only the first
 
-    r(t) = floor(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank
+    r(t) = floor(((T - t) / T) ** exponent * (max_rank - min_rank)) + min_rank      (exponent = the paper's α)
 
 ranks of an adapter are active (Soboleva et al. 2025, eq. for the mask M_t). ``t`` is always on the
 *training* scale 0..T; see :mod:`tlora.families` for how each pipeline's timestep is brought there.
@@ -21,33 +21,33 @@ import torch
 Timesteps = Union[int, float, Sequence[float], torch.Tensor]
 
 
-def _check(max_rank: int, min_rank: int, alpha: float, num_train_timesteps: int) -> None:
+def _check(max_rank: int, min_rank: int, exponent: float, num_train_timesteps: int) -> None:
     if not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
     if not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
     if min_rank > max_rank:
         raise ValueError(f"min_rank ({min_rank}) must not exceed max_rank ({max_rank})")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha (the schedule exponent) must be a finite number > 0, got {alpha!r}")
+    if not (isinstance(exponent, (int, float)) and math.isfinite(exponent) and exponent > 0):
+        raise ValueError(f"exponent (the schedule exponent α) must be a finite number > 0, got {exponent!r}")
     if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
         raise ValueError(f"num_train_timesteps must be an int > 0, got {num_train_timesteps!r}")
 
 
-def _rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int) -> int:
-    t = min(max(float(t), 0.0), float(T))  # clamp: t > T with alpha < 1 would be a complex power
-    return min(int(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank, max_rank)
+def _rank(t: float, max_rank: int, min_rank: int, exponent: float, T: int) -> int:
+    t = min(max(float(t), 0.0), float(T))  # clamp: t > T with exponent < 1 would be a complex power
+    return min(int(((T - t) / T) ** exponent * (max_rank - min_rank)) + min_rank, max_rank)
 
 
-def active_rank(t: float, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+def active_rank(t: float, max_rank: int, min_rank: int = 1, exponent: float = 1.0,
                 num_train_timesteps: int = 1000) -> int:
     """Number of active ranks at training-scale timestep ``t`` (clamped into [0, T])."""
-    _check(max_rank, min_rank, alpha, num_train_timesteps)
+    _check(max_rank, min_rank, exponent, num_train_timesteps)
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"active_rank takes one timestep, got a tensor of shape {tuple(t.shape)}; use rank_mask")
         t = t.item()
-    return _rank(t, max_rank, min_rank, alpha, num_train_timesteps)
+    return _rank(t, max_rank, min_rank, exponent, num_train_timesteps)
 
 
 def timesteps_list(timesteps: Timesteps) -> list[float]:
@@ -61,13 +61,13 @@ def timesteps_list(timesteps: Timesteps) -> list[float]:
     return [float(v) for v in timesteps]
 
 
-def active_ranks(timesteps: Timesteps, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+def active_ranks(timesteps: Timesteps, max_rank: int, min_rank: int = 1, exponent: float = 1.0,
                  num_train_timesteps: int = 1000) -> list[int]:
     """Active rank per sample: a list of B ints."""
-    _check(max_rank, min_rank, alpha, num_train_timesteps)
+    _check(max_rank, min_rank, exponent, num_train_timesteps)
     ts = timesteps_list(timesteps)
     cache: dict[float, int] = {}
-    return [cache.setdefault(t, _rank(t, max_rank, min_rank, alpha, num_train_timesteps)) for t in ts]
+    return [cache.setdefault(t, _rank(t, max_rank, min_rank, exponent, num_train_timesteps)) for t in ts]
 
 
 def mask_from_ranks(ranks: Sequence[int], max_rank: int) -> torch.Tensor:
@@ -76,10 +76,10 @@ def mask_from_ranks(ranks: Sequence[int], max_rank: int) -> torch.Tensor:
     return (torch.arange(max_rank).reshape(1, -1) < r).to(torch.float32)
 
 
-def rank_mask(timesteps: Timesteps, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+def rank_mask(timesteps: Timesteps, max_rank: int, min_rank: int = 1, exponent: float = 1.0,
               num_train_timesteps: int = 1000) -> torch.Tensor:
     """Per-sample binary rank mask, Tensor[B, max_rank] float32 (B = 1 for a scalar timestep)."""
-    return mask_from_ranks(active_ranks(timesteps, max_rank, min_rank, alpha, num_train_timesteps), max_rank)
+    return mask_from_ranks(active_ranks(timesteps, max_rank, min_rank, exponent, num_train_timesteps), max_rank)
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,14 @@ class RankSchedule:
     """One adapter's schedule. Hashable, so adapters sharing a schedule share one computed mask."""
     max_rank: int
     min_rank: int = 1
-    alpha: float = 1.0
+    exponent: float = 1.0
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
-        _check(self.max_rank, self.min_rank, self.alpha, self.num_train_timesteps)
+        _check(self.max_rank, self.min_rank, self.exponent, self.num_train_timesteps)
 
     def ranks(self, timesteps: Timesteps) -> list[int]:
-        return active_ranks(timesteps, self.max_rank, self.min_rank, self.alpha, self.num_train_timesteps)
+        return active_ranks(timesteps, self.max_rank, self.min_rank, self.exponent, self.num_train_timesteps)
 
     def table(self, at: Sequence[int] = (0, 250, 500, 750, 999)) -> list[tuple[int, int]]:
         """[(t, active rank)] at the given timesteps, for printing."""

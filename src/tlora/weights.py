@@ -63,7 +63,7 @@ class ModuleSpec:
     @classmethod
     def of(cls, a: TLoRAAdapter) -> "ModuleSpec":
         s = a.schedule
-        return cls(a.variant, a.rank, a.alpha, s.min_rank, s.alpha, a.init, a.sig_type, a.svd,
+        return cls(a.variant, a.rank, a.alpha, s.min_rank, s.exponent, a.init, a.sig_type, a.svd,
                    "conv2d" if a.is_conv else "linear", tuple(a.base_layer.weight.shape))
 
     @classmethod
