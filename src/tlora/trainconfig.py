@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from .config import TLoRAConfig, check_fields
 from .errors import UsageError
@@ -132,20 +132,25 @@ class TrainConfig:
         return [p.replace("{0}", subject) for p in self.validation_prompts] or [self.prompt()]
 
 
+_TYPE_CHECKS = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
+
+
 def _check_types(cfg: TrainConfig) -> None:
+    """Every field's value against its annotation (int, float, bool, str; Optional[...] may be null)."""
+    hints = get_type_hints(type(cfg))
     for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        t = str(f.type)
+        v, t = getattr(cfg, f.name), hints[f.name]
+        optional = get_origin(t) is Union and type(None) in get_args(t)
+        base = next(a for a in get_args(t) if a is not type(None)) if optional else t
         if v is None:
-            if not t.startswith("Optional"):
+            if not optional:
                 raise UsageError(f"{f.name} must not be null")
             continue
-        want = ("int" if "int" in t else "float" if "float" in t else "bool" if "bool" in t
-                else "str" if "str" in t and "List" not in t else None)
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool), "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-              "bool": isinstance(v, bool), "str": isinstance(v, str), None: True}[want]
-        if not ok:
-            raise UsageError(f"{f.name} must be {want}, got {v!r}")
+        check = _TYPE_CHECKS.get(base)
+        if check is not None and not check(v):
+            raise UsageError(f"{f.name} must be {base.__name__}, got {v!r}")
 
 
 def parse_value(text: str) -> Any:
