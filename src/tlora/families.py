@@ -62,11 +62,14 @@ def detect(denoiser: nn.Module) -> Family:
     raise ValueError(f"unknown denoiser class {cls}; tlora knows {known}")
 
 
+DENOISER_ATTRS = ("unet", "transformer")     # where a diffusers pipeline keeps its denoiser
+
+
 def denoiser_of(pipe) -> nn.Module:
     """``pipe.unet`` or ``pipe.transformer`` (or the module itself when given a denoiser)."""
     if isinstance(pipe, nn.Module) and not hasattr(pipe, "components"):
         return pipe
-    for attr in ("unet", "transformer"):
+    for attr in DENOISER_ATTRS:
         m: Optional[nn.Module] = getattr(pipe, attr, None)
         if isinstance(m, nn.Module):
             return m

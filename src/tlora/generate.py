@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .families import denoiser_of, detect
+from .families import DENOISER_ATTRS, denoiser_of, detect
 from .fileio import first_line, looks_like_hub_id, save_png, write_json
 from .masking import attach
 from .weights import WeightsFileError, read_header
@@ -104,7 +104,7 @@ def load_denoiser(model: str):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     try:
         index = DiffusionPipeline.load_config(model)
-        for attr in ("unet", "transformer"):
+        for attr in DENOISER_ATTRS:
             if attr in index and index[attr] and index[attr][1]:
                 return getattr(diffusers, index[attr][1]).from_pretrained(model, subfolder=attr)
     except Exception as e:

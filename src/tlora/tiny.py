@@ -23,6 +23,7 @@ from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLI
                           Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel, T5TokenizerFast)
 
 from .families import FAMILIES as FAMILY_TABLE
+from .families import denoiser_of
 
 FAMILIES = tuple(FAMILY_TABLE)                       # every family of the table has a tiny pipeline
 
@@ -99,7 +100,7 @@ def flux2_transformer(joint_attention_dim=48):
 def build_denoiser(family: str):
     """The denoiser alone."""
     pipe = build_pipeline(family)
-    return getattr(pipe, "unet", None) or pipe.transformer
+    return denoiser_of(pipe)
 
 
 def _sd15():
