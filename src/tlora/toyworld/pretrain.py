@@ -210,7 +210,7 @@ def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, gui
     return {k: v / n for k, v in hits.items()}
 
 
-def main(argv=None) -> int:
+def _parser() -> OneLineParser:
     ap = OneLineParser(prog="python -m tlora.toyworld.pretrain",
                        description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
@@ -237,11 +237,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=0,
                     help="log caption following on 40 captions every N denoiser steps (default 0: never)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return ap
+
+
+def _checked_args(ap: OneLineParser, argv):
+    """Parsed arguments, --reproduce applied, every number checked (one line and exit 2 on the first bad one)."""
     a = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
     if a.evaluate:
-        print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100), indent=1))
-        return 0
+        return a
     if not a.out:
         ap.error("--out is required unless --evaluate is given")
     out = Path(a.out)
@@ -269,6 +272,16 @@ def main(argv=None) -> int:
                       (not 0 < a.vae_share < 1, f"--vae-share {a.vae_share} must be between 0 and 1")]:
         if bad:
             ap.error(rule)
+    return a
+
+
+def main(argv=None) -> int:
+    a = _checked_args(_parser(), argv)
+    warnings.filterwarnings("ignore")
+    if a.evaluate:
+        print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100), indent=1))
+        return 0
+    out = Path(a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
