@@ -20,6 +20,43 @@ import torch
 import torch.nn as nn
 
 
+class DDPMObjective:
+    """ε / v prediction on a DDPM noise schedule; timesteps are integers t ~ U{0..T-1}."""
+    name = "ddpm"
+
+    def scheduler(self, pipe_scheduler):
+        from diffusers import DDPMScheduler   # diffusers: only training needs it; `import tlora` stays light
+        return DDPMScheduler.from_config(pipe_scheduler.config)
+
+    def sample_timesteps(self, scheduler, b: int, gen: torch.Generator, T: int) -> torch.Tensor:
+        return torch.randint(0, T, (b,), generator=gen)
+
+    def noisy_and_target(self, scheduler, latents, noise, t, T: int, prediction_type: str):
+        noisy = scheduler.add_noise(latents, noise, t)
+        return noisy, noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+
+
+class FlowObjective:
+    """Rectified flow: x_σ = (1 − σ)·x + σ·ε, predict the velocity ε − x; σ from a uniform u, shifted like the
+    pipeline's scheduler (σ = s·u / (1 + (s−1)·u)); t = σ·T."""
+    name = "flow"
+
+    def scheduler(self, pipe_scheduler):
+        return pipe_scheduler
+
+    def sample_timesteps(self, scheduler, b: int, gen: torch.Generator, T: int) -> torch.Tensor:
+        u = torch.rand(b, generator=gen)
+        s = float(getattr(scheduler.config, "shift", 1.0) or 1.0)
+        return s * u / (1 + (s - 1) * u) * T
+
+    def noisy_and_target(self, scheduler, latents, noise, t, T: int, prediction_type: str):
+        sigma = (t / T).reshape(-1, 1, 1, 1).to(latents.dtype)
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+
+OBJECTIVES = {o.name: o for o in (DDPMObjective(), FlowObjective())}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -32,6 +69,11 @@ class Family:
     resolution: int               # native resolution
     kohya_prefix: str = "lora_unet_"   # kohya LoRA key prefix (ComfyUI / A1111 / Forge)
     sgm_names: bool = False            # kohya keys in SGM block names (input_blocks.4.1…) instead of diffusers paths
+
+    @property
+    def training(self):
+        """The training objective's type (:class:`DDPMObjective` or :class:`FlowObjective`)."""
+        return OBJECTIVES[self.objective]
 
     @property
     def timestep_convention(self) -> str:

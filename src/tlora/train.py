@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -39,27 +38,6 @@ from .trainconfig import TrainConfig
 
 class TrainingError(RuntimeError):
     """The run had to stop (e.g. a non-finite loss); the message is one line."""
-
-
-def _sample_timesteps(family, scheduler, b: int, gen: torch.Generator, T: int):
-    """Per-sample training-scale timesteps t (B,), never one for the whole batch.
-    DDPM families: integer t ~ U{0..T-1}. Flow families: σ from a uniform u, shifted like the
-    scheduler (σ = s·u / (1 + (s−1)·u)); t = σ·T."""
-    if family.objective == "ddpm":
-        return torch.randint(0, T, (b,), generator=gen)
-    u = torch.rand(b, generator=gen)
-    s = float(getattr(scheduler.config, "shift", 1.0) or 1.0)
-    sigma = s * u / (1 + (s - 1) * u)
-    return sigma * T
-
-
-def _noisy_and_target(family, scheduler, latents, noise, t, T, prediction_type):
-    if family.objective == "ddpm":
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        return noisy, target
-    sigma = (t / T).reshape(-1, 1, 1, 1).to(latents.dtype)
-    return (1 - sigma) * latents + sigma * noise, noise - latents  # rectified flow: predict the velocity
 
 
 def _digest(network) -> str:
@@ -245,8 +223,7 @@ def prepare_training(run: Run, acc: Accelerator) -> Optimization:
     """Freeze and move the denoiser (adapters stay float32), build the optimizer and lr schedule, resume."""
     cfg, den = run.cfg, run.den
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-    scheduler = (DDPMScheduler.from_config(run.pipe.scheduler.config) if run.family.objective == "ddpm"
-                 else run.pipe.scheduler)
+    scheduler = run.family.training.scheduler(run.pipe.scheduler)
     prediction_type = cfg.prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
     den.requires_grad_(False)
     den.to(acc.device, dtype=weight_dtype)                # adapters stay float32 (TLoRAAdapter._apply)
@@ -384,9 +361,9 @@ def train_step(run: Run, data: Cached, opt: Optimization, acc: Accelerator, step
     for micro in range(accum):
         latents, c = _batch(run, data, opt, acc.device, step, micro)
         noise = torch.randn(latents.shape, generator=opt.gen).to(acc.device)
-        t = _sample_timesteps(family, opt.scheduler, latents.shape[0], opt.gen, T)      # per sample, training scale
-        noisy, target = _noisy_and_target(family, opt.scheduler, latents, noise, t.to(acc.device), T,
-                                          opt.prediction_type)
+        t = family.training.sample_timesteps(opt.scheduler, latents.shape[0], opt.gen, T)   # per sample, training scale
+        noisy, target = family.training.noisy_and_target(opt.scheduler, latents, noise, t.to(acc.device), T,
+                                                         opt.prediction_type)
         sync = acc.no_sync(opt.den) if micro < accum - 1 else nullcontext()
         with sync, timestep_mask(run.network, t):                       # masks hold through the backward
             pred = run.spec.call(opt.den, noisy.to(opt.weight_dtype), (t / family.timestep_scale).to(acc.device), c)
