@@ -136,3 +136,25 @@ def test_a_file_written_before_the_one_owner_refactor_loads_and_gives_its_record
     with torch.no_grad(), tlora.timestep_mask(net, want["timesteps"]):
         got = unet(want["x"], want["timesteps"], want["context"]).sample
     torch.testing.assert_close(got, want["output"], atol=1e-6, rtol=0)   # same math; another CPU may round apart
+
+
+def test_written_files_and_checkpoint_folders_get_the_users_umask(tmp_path):
+    """Atomic writes go through mkstemp / mkdtemp (0600 / 0700): the renamed file must have 0666 & ~umask."""
+    import os
+    import stat
+    from tlora.checkpoint import save_checkpoint
+    from tlora.fileio import write_json
+    old = os.umask(0o022)
+    try:
+        unet = tiny_unet()
+        net = tlora.inject(unet, TLoRAConfig(rank=2))
+        tlora.save(net, tmp_path / "w.safetensors")
+        write_json({"a": 1}, tmp_path / "x.json")
+        opt = torch.optim.AdamW(net.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        ck = save_checkpoint(tmp_path, 1, net, opt, sched, torch.Generator(), {}, None)
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "w.safetensors", tmp_path / "x.json", ck / "tlora.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE(ck.stat().st_mode) == 0o755

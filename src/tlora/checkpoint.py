@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import weights
+from .fileio import plain_mode
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -69,6 +70,7 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
                                                    indent=1, default=float))
         if final.exists():
             shutil.rmtree(final)
+        plain_mode(tmp, directory=True)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,8 +31,21 @@ def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: os.PathLike, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would (0666 / 0777 less the umask): temporary files and
+    folders are created 0600 / 0700, and that mode would survive their rename."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """Call ``write(temporary path)`` in ``path``'s folder (created if needed), then rename onto ``path``.
+    """Call ``write(temporary path)`` in ``path``'s folder (created if needed), then rename onto ``path`` with the
+    mode a plain ``open`` would give (0666 less the umask; mkstemp's 0600 would survive the rename).
     On any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +53,7 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = 
     os.close(fd)
     try:
         write(tmp)
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
