@@ -53,6 +53,9 @@ def test_generate_writes_pngs_grid_and_json(setup, tmp_path, capsys):
     (["--weights", "/nope.safetensors"], "weights file not found"),
     (["--model", "/no/such/model"], "model not found"),
     (["--prompts-file", "EMPTY"], "prompts file is empty"),
+    (["--multiplier", "nan"], "--multiplier must be a finite number"),
+    (["--multiplier", "inf"], "--multiplier must be a finite number"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, extra, match):
     empty = tmp_path / "empty.txt"

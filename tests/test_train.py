@@ -125,11 +125,22 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(models, data, tmp_pat
             with torch.no_grad():
                 next(iter(network.parameters())).fill_(float("nan"))
     cfg = cfg_for(models["sd15"], data, tmp_path / "o", max_steps=6, checkpointing_steps=2, validation_steps=0)
-    with pytest.raises(TrainingError, match=r"at step 4.*checkpoint-2"):
-        train(cfg, on_grads=poison)
+    with pytest.raises(TrainingError, match=r"non-finite at step 3.*checkpoint-2"):   # the weights check, after the
+        train(cfg, on_grads=poison)                                                  # update; the loss would at 4
     tensors, _ = tlora.weights.read(tmp_path / "o" / "checkpoint-2" / "tlora.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert not (tmp_path / "o" / "tlora.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [{"max_grad_norm": float("nan")}, {"max_grad_norm": -1.0}, {"adam_beta1": 2.0},
+                                 {"weight_decay": -1.0}, {"learning_rate": float("inf")}, {"lr_warmup_steps": -5},
+                                 {"validation_guidance": float("nan")}, {"validation_multiplier": float("inf")}])
+def test_non_finite_or_out_of_range_numbers_are_refused_before_anything_is_written(models, data, tmp_path, bad):
+    from tlora.errors import UsageError
+    cfg = cfg_for(models["sd15"], data, tmp_path / "o", **bad)
+    with pytest.raises(UsageError, match=next(iter(bad))):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
 
 
 def test_simpletuner_config_and_seed_lycoris_json_parse_and_run(models, data, tmp_path):

@@ -158,3 +158,27 @@ def test_written_files_and_checkpoint_folders_get_the_users_umask(tmp_path):
     for f in (tmp_path / "w.safetensors", tmp_path / "x.json", ck / "tlora.safetensors"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     assert stat.S_IMODE(ck.stat().st_mode) == 0o755
+
+
+def test_non_finite_tensors_and_a_missing_checksum_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    unet = tiny_unet()
+    net = tlora.inject(unet, TLoRAConfig(rank=2))
+    perturb(net)
+    tlora.save(net, tmp_path / "w.safetensors")
+    net.remove()
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(tmp_path / "w.safetensors"))
+    key = sorted(tensors)[0]
+    nan = dict(tensors)
+    nan[key] = nan[key].clone()
+    nan[key][0] = float("nan")
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata={"tlora": meta["tlora"]})   # no checksum either
+    with pytest.raises(WeightsFileError, match="without its tlora_sha256"):
+        tlora.load(tmp_path / "nan.safetensors", tiny_unet())
+    with pytest.raises(WeightsFileError, match=f"non-finite values .* in {key}"):
+        tlora.weights.read(tmp_path / "nan.safetensors", verify=False)
+    unchecked = {k: v for k, v in meta.items() if k != "tlora_sha256"}
+    save_file(tensors, str(tmp_path / "unchecked.safetensors"), metadata=unchecked)
+    assert tlora.weights.read(tmp_path / "unchecked.safetensors", verify=False)[0].keys() == tensors.keys()

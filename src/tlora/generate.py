@@ -62,6 +62,8 @@ class GenerateSettings:
             raise UsageError(f"weights file not found: {self.weights}")
         if self.guidance is not None and not math.isfinite(self.guidance):
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
+        if not math.isfinite(self.multiplier):
+            raise UsageError(f"--multiplier must be a finite number, got {self.multiplier}")
 
 
 def read_prompts_file(path: str) -> List[str]:

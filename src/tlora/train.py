@@ -40,6 +40,13 @@ class TrainingError(RuntimeError):
     """The run had to stop (e.g. a non-finite loss); the message is one line."""
 
 
+def _check_finite(network: TLoRANetwork, step: int, last_checkpoint) -> None:
+    """Stop before anything of a step whose update made an adapter tensor NaN or inf is saved."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in network.trainable_parameters()]).all()):
+        where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was written"
+        raise TrainingError(f"adapter weights became non-finite at step {step}: stopped, nothing of it saved{where}")
+
+
 def _digest(network) -> str:
     h = hashlib.sha256()
     for k, v in sorted(network.state_dict().items()):
@@ -78,6 +85,7 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
         opt.lr_scheduler.step()
         opt.optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        _check_finite(run.network, done, outputs.last_checkpoint)
         bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(done - opt.start) / max(time.time() - t0, 1e-9):.2f}")
         outputs.log(done, loss, opt.lr_scheduler.get_last_lr()[0], mean_rank)
         if on_step is not None:

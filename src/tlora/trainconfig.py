@@ -67,6 +67,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Everything that can be checked without touching the disk or the model."""
+        self._validate_numbers()
         if not self.model:
             raise UsageError("no model given: set 'model' (a diffusers pipeline folder or hub id)")
         if not self.data_dir:
@@ -122,6 +123,26 @@ class TrainConfig:
             raise UsageError(str(e)) from None
         _check_types(cfg)
         return cfg
+
+    def _validate_numbers(self) -> None:
+        """Every float field finite; the optimizer's numbers in their ranges (a NaN or negative value would train
+        NaN weights or raise inside torch)."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if float in (hints[f.name], *get_args(hints[f.name])) and isinstance(v, (int, float)) and \
+                    not isinstance(v, bool) and not math.isfinite(v):
+                raise UsageError(f"{f.name} must be a finite number, got {v}")
+        rules = [(self.max_grad_norm is not None and not self.max_grad_norm > 0, "max_grad_norm", "> 0 or null"),
+                 (self.weight_decay < 0, "weight_decay", ">= 0"),
+                 (not 0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)"),
+                 (not 0 <= self.adam_beta2 < 1, "adam_beta2", "in [0, 1)"),
+                 (not self.adam_epsilon > 0, "adam_epsilon", "> 0"),
+                 (self.lr_warmup_steps < 0, "lr_warmup_steps", ">= 0"),
+                 (self.prior_loss_weight < 0, "prior_loss_weight", ">= 0")]
+        for bad, name, allowed in rules:
+            if bad:
+                raise UsageError(f"{name} must be {allowed}, got {getattr(self, name)}")
 
     def prompt(self) -> str:
         return self.prompt_template.format(placeholder=self.placeholder, class_name=self.class_name).replace("  ", " ").strip()

@@ -173,8 +173,14 @@ def read(path: os.PathLike, verify: bool = True) -> Tuple[Dict[str, torch.Tensor
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
                                f"{first_line(e)}") from None
+    if verify and "tlora" in meta and "tlora_sha256" not in meta:
+        raise WeightsFileError(f"{path} is a tlora file without its tlora_sha256 checksum: it cannot be checked "
+                               "(read it with verify=False to load it anyway)")
     if verify and "tlora_sha256" in meta and _checksum(meta.get("tlora", ""), tensors) != meta["tlora_sha256"]:
         raise WeightsFileError(f"{path} is corrupted: its checksum does not match its contents")
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise WeightsFileError(f"{path} holds non-finite values (NaN or inf) in {bad}: it is not usable weights")
     return tensors, meta
 
 
