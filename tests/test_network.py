@@ -211,3 +211,23 @@ def test_ortho_rank_wider_than_a_layer_is_clamped_with_its_own_schedule(unet):
     with tlora.timestep_mask(net, 500):
         for a in net.adapters.values():
             assert a._shared_rank == tlora.active_rank(500, a.rank, 4)
+
+
+@pytest.mark.parametrize("bad,says", [
+    ({"linear_dim": 3.7}, "linear_dim must be an integer, got 3.7"),
+    ({"linear_dim": True}, "linear_dim must be an integer, got True"),
+    ({"linear_dim": 4, "tlora_min_rank": True}, "tlora_min_rank must be an integer"),
+    ({"linear_dim": 4, "tlora_min_rank": 1.5}, "tlora_min_rank must be an integer"),
+    ({"linear_dim": 4, "tlora_alpha": True}, "tlora_alpha must be a number"),
+    ({"linear_dim": 4, "multiplier": "1"}, "multiplier must be a number"),
+    ({"linear_dim": 4, "conv_dim": 2.5}, "conv_dim must be an integer"),
+])
+def test_lycoris_values_of_the_wrong_type_are_refused_never_coerced(bad, says):
+    with pytest.raises(ValueError, match=says):
+        TLoRAConfig.from_lycoris({"algo": "tlora", **bad})
+
+
+@pytest.mark.parametrize("field,value", [("min_rank", True), ("exponent", True), ("rank", True)])
+def test_booleans_are_not_numbers_in_the_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        TLoRAConfig(**{field: value})

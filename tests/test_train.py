@@ -260,3 +260,20 @@ def test_validation_computes_metrics_and_keeps_the_best(models, data, tmp_path):
     ea.Reload()
     assert {"eval/IS", "eval/TS", "eval/DINO_IS", "loss", "lr", "mean_active_rank"} <= set(ea.Tags()["scalars"])
     assert [e.step for e in ea.Scalars("eval/TS")] == [2, 4]
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("lora_rank", 0, "--lora_rank must be an int >= 1, got 0"),
+    ("min_rank", 0, "--min_rank must be an int >= 1, got 0"),
+    ("alpha_rank_scale", 0.0, "--alpha_rank_scale must be a number > 0, got 0.0"),
+    ("trainer_type", "", "--trainer_type must be one of"),
+    ("sig_type", "", "--sig_type must be one of"),
+    ("num_train_epochs", 0, "max_steps must be > 0, got 0"),
+])
+def test_official_flags_given_as_zero_or_empty_are_errors_not_defaults(flag, value, says):
+    """'absent' and 'zero' differ: --lora_rank 0 is an error, never the default 64."""
+    from tlora.errors import UsageError
+    from tlora.trainconfig import from_official
+    with pytest.raises(UsageError) as e:
+        from_official({"pretrained_model_name_or_path": "m", "train_data_dir": "d", flag: value}).validate()
+    assert says in str(e.value)

@@ -21,6 +21,17 @@ from .functional import SIG_TYPES, SVD_METHODS
 from .layers import INITS, VARIANTS
 
 
+def _exact(d: dict, key: str, kind: type, default=None):
+    """``d[key]`` (or ``default`` when absent) if it is exactly a ``kind``: no bool for a number, no 3.7 truncated
+    to 3 for an int (an int is a fine float). A LyCORIS config value of another type is an error naming the key."""
+    v = d.get(key, default)
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
+        (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok:
+        raise ValueError(f"LyCORIS config {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    return v
+
+
 def unknown_keys_error(what: str, keys, known) -> ValueError:
     """One line naming unknown keys and the closest known spelling of each."""
     parts = []
@@ -85,12 +96,12 @@ class TLoRAConfig:
         rank, min_rank = d["rank"], d["min_rank"]
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"{where}rank must be an int >= 1, got {rank!r}")
-        if not isinstance(min_rank, int) or min_rank < 1:
+        if not isinstance(min_rank, int) or isinstance(min_rank, bool) or min_rank < 1:
             raise ValueError(f"{where}min_rank must be an int >= 1, got {min_rank!r}")
         if min_rank > rank:
             raise ValueError(f"{where}min_rank ({min_rank}) must not exceed rank ({rank})")
         e = d["exponent"]
-        if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0):
+        if not (isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e > 0):
             raise ValueError(f"{where}exponent must be a number > 0, got {e!r}")
         if d["alpha"] is not None and not (isinstance(d["alpha"], (int, float)) and math.isfinite(d["alpha"])):
             raise ValueError(f"{where}alpha must be a number or null, got {d['alpha']!r}")
@@ -177,14 +188,14 @@ class TLoRAConfig:
             init = "weight" if d.get("use_data_init", True) else "random"
         alpha = d.get("linear_alpha", 1)   # LyCORIS's default linear_alpha is 1
         return cls(
-            rank=int(d["linear_dim"]), alpha=float(alpha) if alpha is not None else None,
-            min_rank=int(d.get("tlora_min_rank", 1)), exponent=float(d.get("tlora_alpha", 1.0)),
+            rank=_exact(d, "linear_dim", int), alpha=float(_exact(d, "linear_alpha", float, alpha)) if alpha is not None else None,
+            min_rank=_exact(d, "tlora_min_rank", int, 1), exponent=float(_exact(d, "tlora_alpha", float, 1.0)),
             variant=d.get("tlora_variant", "ortho"), init=init, sig_type=d.get("sig_type", "principal"),
             svd="exact",                                  # LyCORIS-identical frozen tensors
-            multiplier=float(d.get("multiplier", 1.0)),   # never int(): 0.5 stays 0.5
-            num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
-            conv_rank=int(d["conv_dim"]) if d.get("conv_dim") else None,
-            conv_alpha=float(d["conv_alpha"]) if d.get("conv_alpha") is not None else None,
+            multiplier=float(_exact(d, "multiplier", float, 1.0)),   # never int(): 0.5 stays 0.5
+            num_train_timesteps=_exact(d, "num_train_timesteps", int, 1000),
+            conv_rank=_exact(d, "conv_dim", int) if d.get("conv_dim") else None,      # LyCORIS: 0 = conv like linear
+            conv_alpha=float(_exact(d, "conv_alpha", float)) if d.get("conv_alpha") is not None else None,
             target_module=tuple(preset.get("target_module", preset.get("unet_target_module", ("Attention",)))),
             target_name=tuple(preset.get("target_name", preset.get("unet_target_name", ()))),
             exclude_name=tuple(preset.get("exclude_name", ())),

@@ -289,21 +289,36 @@ OFFICIAL_FLAGS = {
 }
 
 
+_OFFICIAL_NAMES = {"rank": "lora_rank", "min_rank": "min_rank", "exponent": "alpha_rank_scale",
+                   "trainer_type": "trainer_type", "sig_type": "sig_type"}
+
+
+def _official_message(msg: str) -> str:
+    """A TLoRAConfig error in the official flag's name ("rank must be …" → "--lora_rank must be …")."""
+    head, _, rest = msg.partition(" ")
+    return f"--{_OFFICIAL_NAMES[head]} {rest}" if head in _OFFICIAL_NAMES else msg
+
+
+def _given(a: dict, key: str, default):
+    """The flag's value when it was given (0 and "" included: absent and zero are different), else the default."""
+    return a[key] if a.get(key) is not None else default
+
+
 def from_official(a: dict) -> TrainConfig:
     """The official ``train.py`` flags (``trainer_class`` sdxl_tlora|sdxl_lora, '#'-separated prompts)."""
-    trainer_class = a.get("trainer_class") or "sdxl_tlora"
+    trainer_class = _given(a, "trainer_class", "sdxl_tlora")
     if trainer_class not in ("sdxl_tlora", "sdxl_lora"):
         raise UsageError(f"--trainer_class must be sdxl_tlora or sdxl_lora, got {trainer_class!r}")
-    rank = a.get("lora_rank") or 64
+    rank = _given(a, "lora_rank", 64)
     # sdxl_lora is the official plain-LoRA baseline: all ranks at every step (min_rank = rank)
-    min_rank = rank if trainer_class == "sdxl_lora" else (a.get("min_rank") or 32)
+    min_rank = rank if trainer_class == "sdxl_lora" else _given(a, "min_rank", 32)
     try:
-        tl = TLoRAConfig.from_official(a.get("trainer_type") or "ortho_lora", rank, min_rank,
-                                       a.get("alpha_rank_scale") or 1.0, a.get("sig_type") or "last")
+        tl = TLoRAConfig.from_official(_given(a, "trainer_type", "ortho_lora"), rank, min_rank,
+                                       _given(a, "alpha_rank_scale", 1.0), _given(a, "sig_type", "last"))
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    d: dict = {"tlora": tl, "model": a.get("pretrained_model_name_or_path") or "",
-               "data_dir": a.get("train_data_dir") or "", "max_steps": a.get("num_train_epochs") or 800}
+        raise UsageError(_official_message(str(e))) from None
+    d: dict = {"tlora": tl, "model": _given(a, "pretrained_model_name_or_path", ""),
+               "data_dir": _given(a, "train_data_dir", ""), "max_steps": _given(a, "num_train_epochs", 800)}
     simple = {"output_dir": "output_dir", "mixed_precision": "mixed_precision", "checkpointing_steps": "checkpointing_steps",
               "resolution": "resolution", "num_val_imgs_per_prompt": "num_validation_images",
               "placeholder_token": "placeholder", "class_name": "class_name", "seed": "seed",
