@@ -277,3 +277,19 @@ def test_official_flags_given_as_zero_or_empty_are_errors_not_defaults(flag, val
     with pytest.raises(UsageError) as e:
         from_official({"pretrained_model_name_or_path": "m", "train_data_dir": "d", flag: value}).validate()
     assert says in str(e.value)
+
+
+def test_a_busy_output_folder_is_refused_and_a_stale_lock_taken_over(models, data, tmp_path):
+    """OUT/.tlora.lock names the running process: another live process's lock refuses the run in one line
+    (nothing else written); a lock left by a dead process is taken over; a finished run removes its lock."""
+    import os
+    from tlora.errors import UsageError
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".tlora.lock").write_text(str(os.getppid()))            # a live process that is not this one
+    with pytest.raises(UsageError, match=f"in use by another tlora run \\(pid {os.getppid()}\\)"):
+        train(cfg_for(models["sd15"], data, out, max_steps=1, validation_steps=0))
+    assert [p.name for p in out.iterdir()] == [".tlora.lock"]
+    (out / ".tlora.lock").write_text("999999999")                   # no such process
+    train(cfg_for(models["sd15"], data, out, max_steps=1, validation_steps=0))
+    assert (out / "tlora.safetensors").is_file() and not (out / ".tlora.lock").exists()

@@ -1,6 +1,6 @@
 """``tlora train``: one-image personalisation with a T-LoRA, on accelerate.
 
-Read :func:`_train` top to bottom — six steps, each a top-level function or class below with its inputs in
+Read :func:`_train` and :func:`_loop` top to bottom — six steps, each a top-level function or class below with its inputs in
 the call: setup (check everything, load, inject; nothing written), cache latents and text embeddings once,
 prepare the optimizer, the outputs, then the loop (:func:`train_step`: per-sample timesteps → per-sample
 masks → loss → backward) with checkpoints and validation along the way, and :func:`finish`.
@@ -8,6 +8,7 @@ masks → loss → backward) with checkpoints and validation along the way, and 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ def train(cfg: TrainConfig, on_grads: Optional[Callable] = None, on_step: Option
 def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Callable]) -> Path:
     run = setup(cfg)                                                   # 1. everything checked, nothing written
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
+    lock = RunLock(run.out) if acc.is_main_process else None          #    the output folder is this run's
+    try:
+        return _loop(run, acc, on_grads, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _loop(run: "Run", acc: Accelerator, on_grads: Optional[Callable], on_step: Optional[Callable]) -> Path:
+    cfg = run.cfg
     data = cache_inputs(run, acc.device)                               # 2. latents and text, encoded once
     opt = prepare_training(run, acc)                                   # 3. denoiser, adapters, optimizer
     outputs = Outputs(run, acc, opt.prediction_type)                   # 4. logs, samples, checkpoints, best
@@ -96,6 +107,48 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
             outputs.validate(done)
         acc.wait_for_everyone()
     return finish(run, acc, outputs)                                   # 6. final weights, last validation
+
+
+class RunLock:
+    """``OUT/.tlora.lock`` holds the pid of the run writing into OUT: a second run into a busy folder is refused in
+    one line; a lock whose process is gone (a killed run) is taken over."""
+
+    def __init__(self, out: Path):
+        self.created = not out.exists()            # a folder this run made and left empty is removed again
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".tlora.lock"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = self._owner()
+            if owner is not None and owner != os.getpid() and _alive(owner):
+                raise UsageError(f"{out} is in use by another tlora run (pid {owner}); wait for it to finish "
+                                 "or choose another output_dir") from None
+            fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)          # stale: its process is gone
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+    def _owner(self) -> Optional[int]:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        if self.created and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
 
 
 # -- 1. setup ----------------------------------------------------------------------------------------------------
