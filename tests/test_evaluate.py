@@ -132,3 +132,20 @@ def test_generate_prompt_set(capsys):
                  "--placeholder", "sks", "--class", "dog"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 25 and lines[0] == "a sks dog in the jungle"
+
+
+@pytest.mark.parametrize("content,says", [
+    ({"images": [{"file": "../../../etc/hostname", "prompt": "x"}]}, "outside its own folder"),
+    ({"images": [{"prompt": "x"}]}, "'images' must be a list"),
+    ({"images": "a.png"}, "'images' must be a list"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_hostile_generate_json_is_one_line_and_exit_2(tmp_path, capsys, content, says):
+    write_images(tmp_path / "gen", 1)
+    write_images(tmp_path / "ref", 1)
+    (tmp_path / "gen" / "generate.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    assert main(["evaluate", "--images", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "report.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "report.json").exists()

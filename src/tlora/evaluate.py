@@ -12,7 +12,6 @@ local folder or hub id through transformers and run in batches.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from .errors import UsageError
-from .fileio import IMAGE_EXTS, first_line, looks_like_hub_id, write_json
+from .fileio import IMAGE_EXTS, first_line, looks_like_hub_id, read_mapping, write_json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -181,9 +180,14 @@ def collect(images_arg: str, prompts: Optional[List[str]]):
     p = Path(images_arg)
     gen = p if p.suffix == ".json" else p / "generate.json"
     if gen.is_file():
-        rec = json.loads(gen.read_text())
-        items = rec.get("images", [])
+        items = read_mapping(gen, "generate file", UsageError).get("images", [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("file"), str) for i in items):
+            raise UsageError(f"{gen}: 'images' must be a list of {{\"file\": name, \"prompt\": text}} entries")
+        root = gen.parent.resolve()
         paths = [gen.parent / i["file"] for i in items]
+        outside = [i["file"] for i, x in zip(items, paths) if root not in x.resolve().parents]
+        if outside:
+            raise UsageError(f"{gen} names {outside[0]!r}, outside its own folder: refused")
         missing = [x for x in paths if not x.is_file()]
         if missing:
             raise UsageError(f"{gen} lists {len(missing)} images that are missing (first: {missing[0]})")
