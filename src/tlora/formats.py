@@ -297,10 +297,8 @@ def load(path, model: nn.Module, min_rank: Optional[int] = None, exponent: Optio
          hparams: Optional[str] = None) -> TLoRANetwork:
     """Inject the adapters of a weights file into ``model``. Native files load exactly; LyCORIS and official
     T-LoRA files are converted on the way (``min_rank``, ``exponent``, ``hparams``: see :func:`read_state`)."""
-    tensors, meta = read(path)
     try:
-        hp = read_mapping(hparams, "hparams file", kind="yaml") if hparams else None
-        tensors, header = native_state(path, tensors, meta, model, min_rank, exponent, hp)
+        tensors, header = read_state(path, model, min_rank, exponent, hparams)
     except WeightsFileError:
         raise
     except ValueError as e:
