@@ -189,7 +189,7 @@ def test_official_readme_command_line_parses_and_runs(models, data, tmp_path, ca
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(data_dir="/nonexistent"), "data dir not found"),
+    (dict(data_dir="/nonexistent"), "data_dir not found"),
     (dict(resolution=30), "multiple of 8"),
     (dict(tlora={"rank": 0}), "rank"),
     (dict(tlora={"rank": 4, "min_rank": 5}), "min_rank"),
@@ -268,7 +268,7 @@ def test_validation_computes_metrics_and_keeps_the_best(models, data, tmp_path):
     ("alpha_rank_scale", 0.0, "--alpha_rank_scale must be a number > 0, got 0.0"),
     ("trainer_type", "", "--trainer_type must be one of"),
     ("sig_type", "", "--sig_type must be one of"),
-    ("num_train_epochs", 0, "max_steps must be > 0, got 0"),
+    ("num_train_epochs", 0, "--num_train_epochs must be > 0, got 0"),
 ])
 def test_official_flags_given_as_zero_or_empty_are_errors_not_defaults(flag, value, says):
     """'absent' and 'zero' differ: --lora_rank 0 is an error, never the default 64."""

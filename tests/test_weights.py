@@ -152,7 +152,7 @@ def test_written_files_and_checkpoint_folders_get_the_users_umask(tmp_path):
         write_json({"a": 1}, tmp_path / "x.json")
         opt = torch.optim.AdamW(net.parameters())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        ck = save_checkpoint(tmp_path, 1, net, opt, sched, torch.Generator(), {}, None)
+        ck = save_checkpoint(tmp_path, 1, net, opt, sched, torch.Generator(), {})
     finally:
         os.umask(old)
     for f in (tmp_path / "w.safetensors", tmp_path / "x.json", ck / "tlora.safetensors"):

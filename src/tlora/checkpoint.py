@@ -5,6 +5,11 @@
 * ``state.json``: step, optimizer param groups and scalar state, lr-scheduler state.
 
 The folder is written under a temporary name and renamed, so a crash never leaves half a checkpoint.
+
+A checkpoint belongs to a run by its *identity*: the family and every config value that shapes the weights
+(``IDENTITY_IGNORES`` lists the ones a continued run may change: max_steps, where and how often it saves and
+validates, the device). A run resumes, and prunes (keep-last-K), only checkpoints of its own identity; one of
+another run is never deleted or resumed, and :func:`differences` says what differs.
 """
 from __future__ import annotations
 
@@ -12,17 +17,51 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import weights
-from .fileio import plain_mode
+from .errors import UsageError
+from .fileio import first_line, plain_mode
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
+
+IDENTITY_IGNORES = {"max_steps", "resume", "device", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+                    "validation_steps", "num_validation_images", "validation_inference_steps", "validation_guidance",
+                    "validation_multiplier", "validation_prompts", "eval_clip_model", "eval_dino_model", "best_metric"}
+
+
+def identity(config: dict, family: Optional[str]) -> dict:
+    """What a checkpoint must share with a run to be that run's: the family and the config (a TrainConfig dict)
+    without ``IDENTITY_IGNORES``, in its JSON form."""
+    kept = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES}
+    return json.loads(json.dumps({"family": family, **kept}, default=str))
+
+
+def differences(ours: dict, theirs: dict, prefix: str = "") -> List[str]:
+    """``key: theirs → ours`` for every (nested) value that differs; a key one side lacks shows as None."""
+    out = []
+    for k in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(k), theirs.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {b!r} → {a!r}")
+    return out
+
+
+@dataclass
+class Found:
+    """A ``checkpoint-N`` folder of an output folder: its step and identity (None when unreadable)."""
+    path: Path
+    step: int
+    identity: Optional[dict]
+    problem: Optional[str] = None         # why the identity could not be read
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
@@ -30,6 +69,65 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def scan(output_dir: Path) -> List[Found]:
+    """Every checkpoint of ``output_dir`` with the identity its weights header records, oldest first."""
+    out = []
+    for p in list_checkpoints(output_dir):
+        ident, problem = None, None
+        try:
+            h = weights.parse_header(weights.read(p / "tlora.safetensors", verify=False)[1], p)
+            ident = identity(h["training"]["config"], h.get("family"))
+        except (ValueError, KeyError, TypeError) as e:
+            problem = first_line(e) if isinstance(e, ValueError) else f"{p.name} has no training config"
+        out.append(Found(p, int(CKPT_RE.match(p.name).group(1)), ident, problem))
+    return out
+
+
+def prune(ours: List[Path], keep: Optional[int]) -> List[Path]:
+    """Delete all but the last ``keep`` of ``ours`` (this run's checkpoints, oldest first); returns the rest."""
+    if not keep or len(ours) <= keep:
+        return list(ours)
+    for old in ours[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return list(ours[-keep:])
+
+
+def check_resumable(path: Path, run_identity: dict, max_steps: int) -> int:
+    """Refuse, in one line, a checkpoint that cannot continue this run: missing or damaged files, non-finite
+    weights, another run's identity, a step past ``max_steps``. Returns its step."""
+    if not path.is_dir():
+        raise UsageError(f"resume checkpoint not found: {path}" if not path.exists() else
+                         f"resume {path} is not a checkpoint-N folder")
+    try:
+        header = weights.parse_header(weights.read(path / "tlora.safetensors")[1], path / "tlora.safetensors")
+        info = _read_state_json(path / "state.json")
+        load_file(str(path / "state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot resume from {path}: {first_line(e)}") from None
+    except Exception as e:   # safetensors' own error types for a damaged file
+        raise UsageError(f"cannot resume from {path}: state.safetensors is unreadable ({first_line(e)})") from None
+    diff = differences(run_identity, identity(header.get("training", {}).get("config", {}), header.get("family")))
+    if diff:
+        raise UsageError(f"{path} is from another run ({'; '.join(diff[:3])}): resume it with its own config, or "
+                         "start this run in another output_dir")
+    if info["step"] > max_steps:
+        raise UsageError(f"{path} is at step {info['step']}, past max_steps {max_steps}: raise max_steps to continue it")
+    return info["step"]
+
+
+def _read_state_json(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path.name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{path.name} is not valid JSON") from None
+    if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("optimizer"), dict)
+            and isinstance(info.get("lr_scheduler"), dict)):
+        raise ValueError(f"{path.name} does not hold step, optimizer and lr_scheduler")
+    return info
 
 
 def _optimizer_to_files(opt_state: dict) -> tuple[Dict[str, torch.Tensor], dict]:
@@ -56,7 +154,7 @@ def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_scheduler, generator: torch.Generator,
-                    metadata: dict, keep: Optional[int]) -> Path:
+                    metadata: dict) -> Path:
     final = output_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
@@ -67,7 +165,7 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
         save_file(tensors, str(tmp / "state.safetensors"))
         sched = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "lr_scheduler": sched},
-                                                   indent=1, default=float))
+                                                   indent=1, default=float, allow_nan=False))
         if final.exists():
             shutil.rmtree(final)
         plain_mode(tmp, directory=True)
@@ -75,9 +173,6 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -87,7 +182,7 @@ def load_checkpoint(path: Path, network, optimizer, lr_scheduler, generator: tor
     weights.parse_header(meta, path)
     network.load_state_dict(tensors)
     state = load_file(str(path / "state.safetensors"))
-    info = json.loads((path / "state.json").read_text())
+    info = _read_state_json(path / "state.json")
     optimizer.load_state_dict(_optimizer_from_files(state, info["optimizer"]))
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **info["lr_scheduler"]})
     generator.set_state(state["rng.generator"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -16,7 +17,7 @@ from typing import List, Optional
 from .errors import OneLineParser as _Parser
 from .errors import UsageError
 from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output
 from .formats import read_state, summary, write_state
 from .schedule import RankSchedule
 from .trainconfig import OFFICIAL_FLAGS, load_config
@@ -67,6 +68,11 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         raise UsageError(f"input file not found: {a.input}")
     if a.at_timestep is not None and not (0 <= a.at_timestep <= 1000):
         raise UsageError(f"--at-timestep must be in [0, T], got {a.at_timestep}")
+    if a.min_rank is not None and a.min_rank < 1:
+        raise UsageError(f"--min-rank must be >= 1, got {a.min_rank}")
+    if a.exponent is not None and not (math.isfinite(a.exponent) and a.exponent > 0):
+        raise UsageError(f"--exponent must be a finite number > 0, got {a.exponent}")
+    check_output(a.output, "output", folder=False)
     model = load_denoiser(a.model) if a.model else None
     try:
         tensors, header = read_state(a.input, model, min_rank=a.min_rank, exponent=a.exponent, hparams=a.hparams)
@@ -81,6 +87,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
+    if a.plot:
+        check_output(a.plot, "--plot", folder=False)
     try:
         info = summary(a.file)
     except ValueError as e:
@@ -198,6 +206,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be at least 1")
+    check_output(a.out, "--out", folder=True)
     sheet = run_demo(Path(a.out), a.steps, a.rank)
     print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
     print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")

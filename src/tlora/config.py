@@ -74,25 +74,36 @@ class TLoRAConfig:
     module_algo_map: dict = field(default_factory=dict)  # class name or module path → overrides (also targets)
 
     def __post_init__(self):
-        self.target_module = tuple(self.target_module)
-        self.target_name = tuple(self.target_name)
-        self.exclude_name = tuple(self.exclude_name)
-        self.module_algo_map = {k: dict(v) for k, v in dict(self.module_algo_map).items()}
-        self._validate(self.__dict__, "")
-        if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank < 1):
+        for k in ("target_module", "target_name", "exclude_name"):
+            v = getattr(self, k)
+            if not isinstance(v, (list, tuple)) or not all(isinstance(i, str) for i in v):
+                raise ValueError(f"{k} must be a list of strings, got {v!r}")
+            setattr(self, k, tuple(v))
+        if not isinstance(self.module_algo_map, dict) or not all(isinstance(v, dict) for v in self.module_algo_map.values()):
+            raise ValueError(f"module_algo_map must map names to settings objects, got {self.module_algo_map!r}")
+        if not isinstance(self.use_fnmatch, bool):
+            raise ValueError(f"use_fnmatch must be true or false, got {self.use_fnmatch!r}")
+        self.module_algo_map = {k: dict(v) for k, v in self.module_algo_map.items()}
+        self.check_settings(self.__dict__, "")
+        if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or isinstance(self.conv_rank, bool)
+                                           or self.conv_rank < 1):
             raise ValueError(f"conv_rank must be an int >= 1 or None, got {self.conv_rank!r}")
-        if not (isinstance(self.multiplier, (int, float)) and math.isfinite(self.multiplier)):
+        if isinstance(self.multiplier, bool) or not (isinstance(self.multiplier, (int, float))
+                                                       and math.isfinite(self.multiplier)):
             raise ValueError(f"multiplier must be a finite number, got {self.multiplier!r}")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps <= 0:
+        if not isinstance(self.num_train_timesteps, int) or isinstance(self.num_train_timesteps, bool) or \
+                self.num_train_timesteps <= 0:
             raise ValueError(f"num_train_timesteps must be an int > 0, got {self.num_train_timesteps!r}")
         for key, over in self.module_algo_map.items():
             bad = set(over) - OVERRIDE_KEYS
             if bad:
                 raise unknown_keys_error(f"module_algo_map[{key!r}]", bad, OVERRIDE_KEYS)
-            self._validate({**self.layer_kwargs(), **over}, f"module_algo_map[{key!r}].")
+            self.check_settings({**self.layer_kwargs(), **over}, f"module_algo_map[{key!r}].")
 
     @staticmethod
-    def _validate(d: dict, where: str) -> None:
+    def check_settings(d: dict, where: str) -> None:
+        """One adapter's settings (rank, min_rank, exponent, alpha, variant, init, sig_type, svd) in range and of
+        their exact types; ValueError naming ``where`` + the key otherwise."""
         rank, min_rank = d["rank"], d["min_rank"]
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"{where}rank must be an int >= 1, got {rank!r}")
@@ -164,7 +175,12 @@ class TLoRAConfig:
             raise ValueError("LyCORIS config needs 'linear_dim' (the T-LoRA rank)")
         if d.get("dropout"):
             raise ValueError("LyCORIS 'dropout' is not supported by tlora; remove it or set it to 0")
-        preset = dict(d.get("apply_preset") or {})
+        preset = d.get("apply_preset") or {}
+        if not isinstance(preset, dict):
+            raise ValueError(f"LyCORIS apply_preset must be an object (target_module, module_algo_map, ...), got {preset!r}")
+        for k in ("module_algo_map", "name_algo_map"):
+            if not isinstance(preset.get(k, {}), dict) or not all(isinstance(v, dict) for v in preset.get(k, {}).values()):
+                raise ValueError(f"LyCORIS apply_preset.{k} must map names to objects, got {preset[k]!r}")
         preset_known = {"target_module", "target_name", "exclude_name", "module_algo_map",
                         "name_algo_map", "use_fnmatch", "unet_target_module", "unet_target_name"}
         bad = set(preset) - preset_known
@@ -199,7 +215,7 @@ class TLoRAConfig:
             target_module=tuple(preset.get("target_module", preset.get("unet_target_module", ("Attention",)))),
             target_name=tuple(preset.get("target_name", preset.get("unet_target_name", ()))),
             exclude_name=tuple(preset.get("exclude_name", ())),
-            use_fnmatch=bool(preset.get("use_fnmatch", False)),
+            use_fnmatch=preset.get("use_fnmatch", False),
             module_algo_map=algo_map,
         )
 

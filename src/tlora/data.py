@@ -13,8 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import UsageError
-from .fileio import IMAGE_EXTS, first_line
-
+from .fileio import IMAGE_EXTS, first_line, read_text
 
 
 @dataclass
@@ -24,10 +23,11 @@ class Example:
     pixels: torch.Tensor       # (3, H, W) float32 in [-1, 1]
 
 
-def find_images(data_dir: str, one_image: Optional[str] = None) -> List[Path]:
+def find_images(data_dir: str, one_image: Optional[str] = None, what: str = "data_dir") -> List[Path]:
+    """The image files of ``data_dir`` (the config key ``what``), sorted; or just ``one_image``."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise UsageError(f"data dir not found: {data_dir}")
+        raise UsageError(f"{what} {data_dir} is not a folder" if d.exists() else f"{what} not found: {data_dir}")
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if one_image:
         files = [p for p in files if p.name == one_image]
@@ -39,8 +39,10 @@ def find_images(data_dir: str, one_image: Optional[str] = None) -> List[Path]:
 
 
 def check_images(paths: List[Path]) -> None:
-    """Open every image header; one clear line for the first that cannot be read."""
+    """Open every image header and read every caption; one clear line for the first that cannot be read."""
     for p in paths:
+        if p.with_suffix(".txt").is_file():
+            read_text(p.with_suffix(".txt"), "caption file")
         try:
             with Image.open(p) as im:
                 im.verify()
@@ -63,12 +65,13 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def load_examples(data_dir: str, resolution: int, prompt: str, one_image: Optional[str] = None) -> List[Example]:
+def load_examples(data_dir: str, resolution: int, prompt: str, one_image: Optional[str] = None,
+                  what: str = "data_dir") -> List[Example]:
     """Every image of ``data_dir`` (or just ``one_image``), with its ``.txt`` caption or ``prompt``."""
     out = []
-    for p in find_images(data_dir, one_image):
+    for p in find_images(data_dir, one_image, what):
         txt = p.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        caption = read_text(txt, "caption file").strip() if txt.is_file() else ""
         out.append(Example(p, caption or prompt, load_image(p, resolution)))
     return out
 

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from .errors import UsageError
-from .fileio import IMAGE_EXTS, first_line, looks_like_hub_id, read_mapping, write_json
+from .devices import check_device
+from .fileio import IMAGE_EXTS, check_output, first_line, looks_like_hub_id, read_mapping, write_json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -196,7 +197,7 @@ def collect(images_arg: str, prompts: Optional[List[str]]):
         raise UsageError(f"images not found: {images_arg} (a folder of images or a generate.json)")
     paths = sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_EXTS and x.name != "grid.png")
     if prompts and len(prompts) not in (1, len(paths)):
-        raise UsageError(f"give one prompt for all {len(paths)} images or one per image, got {len(prompts)}")
+        raise UsageError(f"--prompts: give one prompt for all {len(paths)} images or one per image, got {len(prompts)}")
     per_image = (prompts * len(paths) if len(prompts) == 1 else list(prompts)) if prompts else None
     return paths, per_image
 
@@ -226,6 +227,8 @@ def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeho
                     dino: Optional[str] = DEFAULT_DINO, batch_size=32, device="cpu") -> dict:
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be > 0, got {batch_size}")
+    check_device(device)
+    check_output(out, "--out", folder=False)
     paths, per_image = collect(images, prompts)
     if not paths:
         raise UsageError(f"no images in {images}")
@@ -236,7 +239,5 @@ def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeho
     report = scores(emb, imgs, per_image, ref_imgs, placeholder)
     report.update(images=[str(p) for p in paths], reference=[str(p) for p in refs], clip=clip, dino=dino,
                   placeholder=placeholder)
-    out_p = Path(out)
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, out_p)
+    write_json(report, out)
     return report

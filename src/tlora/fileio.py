@@ -3,6 +3,9 @@
 * Every write goes to a temporary name in the target folder and is renamed into place, so a reader (or a
   crash) never sees half a file: :func:`atomic_write`, and on it :func:`write_json`, :func:`save_png`.
 * JSON and YAML mappings (configs, ``hparams.yml``) are read with one-line errors: :func:`read_mapping`.
+* Text files a user hands in (captions, prompt lists) are read as UTF-8 with one-line errors: :func:`read_text`.
+* An output location is checked before any work: :func:`check_output` (a folder where a file is wanted, a file
+  where a folder is wanted, a parent that is a file, a place nothing can be created).
 * An exception shown to a user is its first line: :func:`first_line`.
 * What counts as an image file (:data:`IMAGE_EXTS`) and as a hub id rather than a local path
   (:func:`looks_like_hub_id`).
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Type
 
 import yaml
+
+from .errors import UsageError
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -62,8 +67,42 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = 
 
 
 def write_json(obj, path: os.PathLike) -> Path:
-    """``obj`` as indented JSON (non-JSON values via ``str``), written atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str)))
+    """``obj`` as indented, strict JSON (non-JSON values via ``str``; NaN and inf are an error, never written),
+    written atomically."""
+    text = json.dumps(obj, indent=2, default=str, allow_nan=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_output(path: os.PathLike, what: str, folder: bool) -> Path:
+    """Refuse, before any work, an output ``path`` (a folder when ``folder``, else a file) that cannot be
+    written: the wrong kind of thing already there, a parent that is a file, or a nearest existing folder in
+    which nothing can be created (probed with a temporary folder, removed again). Raises UsageError."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UsageError(f"{what} {path} is {'a file' if folder else 'a folder'}; give "
+                         f"{'a folder' if folder else 'a file name'}")
+    parent = p if folder else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path} cannot be created: {parent} is a file")
+    try:
+        Path(tempfile.mkdtemp(prefix=".tlora-probe.", dir=parent)).rmdir()
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not writable: {e.strerror} in {parent}") from None
+    return p
+
+
+def read_text(path: os.PathLike, what: str) -> str:
+    """A UTF-8 text file a user gave (a caption, a prompt list); UsageError in one line when it is missing, a
+    folder or not UTF-8."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} not found: {path}" if not p.exists() else f"{what} {path} is not a file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
 
 
 def save_png(image, path: os.PathLike) -> Path:
@@ -71,9 +110,11 @@ def save_png(image, path: os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
 
 
-def read_mapping(path: os.PathLike, what: str, error: Type[Exception] = ValueError, kind: str = "json") -> dict:
-    """The mapping a ``kind`` ("json" or "yaml", parsed with ``yaml.safe_load``) file holds. Anything else — a
-    missing file, bad syntax, bad UTF-8, a list — raises ``error`` with one line naming ``what`` and the path."""
+def read_mapping(path: os.PathLike, what: str, error: Type[Exception] = ValueError, kind: str = "json",
+                 lists: bool = False) -> dict:
+    """The mapping a ``kind`` ("json" or "yaml", parsed with ``yaml.safe_load``) file holds (or a list, when
+    ``lists``). Anything else — a missing file, bad syntax, bad UTF-8, nesting deep enough to exhaust the parser,
+    a list — raises ``error`` with one line naming ``what`` and the path."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} not found: {path}")
@@ -84,6 +125,10 @@ def read_mapping(path: os.PathLike, what: str, error: Type[Exception] = ValueErr
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
         kind = "readable YAML" if is_yaml else "valid JSON"
         raise error(f"{what} {path} is not {kind}: {first_line(e) if is_yaml else e}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be a config") from None
+    if lists and isinstance(d, list):
+        return d
     if not isinstance(d, dict):
         raise error(f"{what} {path} is not a YAML mapping" if is_yaml else f"{what} {path} must hold a JSON object")
     return d

@@ -163,6 +163,10 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
     """Native state of an official SDXL checkpoint (``save_attn_procs`` keys), scale 1. Rank, min_rank and
     exponent come from ``hparams`` (its ``logs/hparams.yml``: lora_rank, min_rank, alpha_rank_scale) or options."""
     hp = hparams or {}
+    for key, kind in (("lora_rank", int), ("min_rank", int), ("alpha_rank_scale", float), ("sig_type", str)):
+        v = hp.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind)):
+            raise ValueError(f"hparams {key} must be {'a number' if kind is float else kind.__name__}, got {v!r}")
     min_rank = _need(min_rank if min_rank is not None else hp.get("min_rank"), "min_rank", "official")
     exponent = float(_need(exponent if exponent is not None else hp.get("alpha_rank_scale"), "exponent", "official"))
     out: Tensors = {}

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .families import DENOISER_ATTRS, denoiser_of, detect
-from .fileio import first_line, looks_like_hub_id, save_png, write_json
+from .devices import check_device
+from .fileio import check_output, first_line, looks_like_hub_id, read_text, save_png, write_json
 from .masking import attach
 from .weights import WeightsFileError, read_header
 
@@ -64,13 +65,15 @@ class GenerateSettings:
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
         if not math.isfinite(self.multiplier):
             raise UsageError(f"--multiplier must be a finite number, got {self.multiplier}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        check_device(self.device)
+        check_output(self.out, "--out", folder=True)
 
 
 def read_prompts_file(path: str) -> List[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One prompt per non-empty line of a UTF-8 text file."""
+    prompts = [line.strip() for line in read_text(path, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"prompts file is empty: {path}")
     return prompts

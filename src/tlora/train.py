@@ -30,7 +30,7 @@ from . import weights
 from .data import batch_indices, check_images, find_images, load_examples
 from .errors import UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
-from .fileio import save_png, write_json
+from .fileio import check_output, first_line, save_png, write_json
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
@@ -155,10 +155,11 @@ def _alive(pid: int) -> bool:
 @dataclass
 class Run:
     """What a run is made of, checked before anything is written: the config (with the targets resolved), the
-    pipeline and its denoiser, the family, the images, the injected network and the evaluation models."""
+    checkpoints of this run already in the output folder (and the one to resume from), the pipeline and its denoiser, the family, the images, the injected network and the evaluation models."""
     cfg: TrainConfig
     out: Path
     resume_from: Optional[Path]
+    own_checkpoints: list                 # this run's checkpoint-N folders already in ``out``, oldest first
     pipe: object
     den: torch.nn.Module
     family: Family
@@ -183,23 +184,35 @@ class Run:
             m.to(device)
 
 
-def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
-    if not cfg.resume:
-        return None
-    found = ckpt.list_checkpoints(out) if cfg.resume == "latest" else [Path(cfg.resume)]
-    if cfg.resume != "latest" and not (found[0] / "state.json").is_file():
-        raise UsageError(f"resume checkpoint not found: {cfg.resume}")
-    return found[-1] if found else None
+def _own_checkpoints(cfg: TrainConfig, out: Path, family: str) -> Tuple[list, Optional[Path]]:
+    """(this run's checkpoints in ``out``, oldest first; the one to resume from or None). A checkpoint of another
+    run is never resumed and never deleted: a fresh run beside one, or ``resume: latest`` with only such, is
+    refused in one line saying what differs."""
+    run_id = ckpt.identity(cfg.to_dict(), family)
+    found = ckpt.scan(out)
+    ours = [f.path for f in found if f.identity == run_id]
+    foreign = [f for f in found if f.identity != run_id]
+    if foreign and not (cfg.resume and ours):
+        f = foreign[-1]
+        if f.identity is None:
+            raise UsageError(f"{out} holds {f.path.name}, which cannot be read ({f.problem}); it is kept: move it "
+                             "away or choose another output_dir")
+        raise UsageError(f"{out} holds {f.path.name} of another run ({'; '.join(ckpt.differences(run_id, f.identity)[:3])}); "
+                         "it is kept: resume it with its own config, move it away, or choose another output_dir")
+    if not cfg.resume or (cfg.resume == "latest" and not ours):
+        return ours, None
+    path = ours[-1] if cfg.resume == "latest" else Path(cfg.resume)
+    ckpt.check_resumable(path, run_id, cfg.max_steps)
+    return ours, path
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Check the config, the images and the model, load the pipeline and inject the adapters; writes nothing."""
     cfg.validate()
-    out = Path(cfg.output_dir)
-    resume_from = _resume_path(cfg, out)
+    out = check_output(cfg.output_dir, "output_dir", folder=True)
     check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
     if cfg.class_data_dir:
-        check_images(find_images(cfg.class_data_dir))
+        check_images(find_images(cfg.class_data_dir, what="class_data_dir"))
     pipe = load_pipeline(cfg.model)                       # float32 on the CPU; moved below
     den = denoiser_of(pipe)
     family = detect(den)
@@ -207,8 +220,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise UsageError(f"training {family.name} is not supported yet")
     resolution = cfg.resolution or family.resolution
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
-    class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip())
-                      if cfg.class_data_dir else [])
+    class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip(),
+                                    what="class_data_dir") if cfg.class_data_dir else [])
     tl = cfg.tlora
     if not tl.target_module and not tl.target_name and not tl.module_algo_map:
         tl = tl.replace(target_module=family.target_module)
@@ -218,11 +231,16 @@ def setup(cfg: TrainConfig) -> Run:
         raise UsageError(str(e)) from None
     network.family = family.name
     cfg.tlora = tl
+    ours, resume_from = _own_checkpoints(cfg, out, family.name)
     embedder = None
     if cfg.eval_clip_model:       # load the evaluation models now: a bad path stops the run before it writes
         from .evaluate import Embedder   # transformers' CLIP / DINO stack: only runs that evaluate need it
-        embedder = Embedder(cfg.eval_clip_model, cfg.eval_dino_model)
-    return Run(cfg, out, resume_from, pipe, den, family, resolution, examples, class_examples, network, embedder)
+        try:
+            embedder = Embedder(cfg.eval_clip_model, cfg.eval_dino_model)
+        except UsageError as e:
+            raise UsageError(f"eval_clip_model / eval_dino_model: {e}") from None
+    return Run(cfg, out, resume_from, ours, pipe, den, family, resolution, examples, class_examples, network,
+               embedder)
 
 
 # -- 2. cached inputs ----------------------------------------------------------------------------------------------
@@ -302,7 +320,10 @@ def prepare_training(run: Run, acc: Accelerator) -> Optimization:
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
     start = 0
     if run.resume_from is not None:
-        start = ckpt.load_checkpoint(run.resume_from, run.network, optimizer, lr_scheduler, gen)
+        try:
+            start = ckpt.load_checkpoint(run.resume_from, run.network, optimizer, lr_scheduler, gen)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UsageError(f"cannot resume from {run.resume_from}: {first_line(e)}") from None
     return Optimization(den, params, optimizer, lr_scheduler, gen, scheduler, prediction_type, weight_dtype, start,
                         acc.process_index)
 
@@ -321,12 +342,12 @@ class Outputs:
         self.best: Optional[float] = None
         self.writer = None
         self.last_checkpoint = None
+        self.ours = list(run.own_checkpoints)        # keep-last-K prunes only these
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "samples").mkdir(exist_ok=True)
             self.writer = SummaryWriter(str(out / "logs"))
-            found = ckpt.list_checkpoints(out)
-            self.last_checkpoint = found[-1] if found else None
+            self.last_checkpoint = self.ours[-1] if self.ours else None
 
     def log(self, step: int, loss: float, lr: float, mean_rank: float) -> None:
         if self.main:
@@ -336,9 +357,10 @@ class Outputs:
 
     def checkpoint(self, step: int, opt: Optimization) -> None:
         if self.main:
-            self.last_checkpoint = ckpt.save_checkpoint(self.run.out, step, self.run.network, opt.optimizer,
-                                                        opt.lr_scheduler, opt.gen, self.metadata,
-                                                        self.run.cfg.checkpoints_total_limit)
+            path = ckpt.save_checkpoint(self.run.out, step, self.run.network, opt.optimizer, opt.lr_scheduler, opt.gen,
+                                        self.metadata)
+            self.ours = ckpt.prune([p for p in self.ours if p != path] + [path], self.run.cfg.checkpoints_total_limit)
+            self.last_checkpoint = path
 
     def validate(self, step: int) -> None:
         """Sample the validation prompts through ``attach`` (the same masked path as ``tlora generate``)."""

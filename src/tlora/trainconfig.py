@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import json
 import math
+import string
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from .config import TLoRAConfig, check_fields
+from .devices import check_device
 from .errors import UsageError
 from .fileio import read_mapping
+
+
+# diffusers.optimization.SchedulerType's values (a test keeps the two equal); not imported: --help stays fast
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
 
 
 @dataclass
@@ -72,8 +79,8 @@ class TrainConfig:
             raise UsageError("no model given: set 'model' (a diffusers pipeline folder or hub id)")
         if not self.data_dir:
             raise UsageError("no data dir given: set 'data_dir' to a folder of images")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise UsageError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution is not None and not (0 < self.resolution <= 8192 and self.resolution % 8 == 0):
+            raise UsageError(f"resolution must be a multiple of 8 in [8, 8192], got {self.resolution}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps",
                      "validation_inference_steps", "checkpointing_steps"):
             if getattr(self, name) <= 0:
@@ -84,8 +91,16 @@ class TrainConfig:
             raise UsageError(f"validation_steps must be >= 0, got {self.validation_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise UsageError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate <= 1:
+            raise UsageError(f"learning_rate must be in (0, 1], got {self.learning_rate}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UsageError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UsageError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        if self.one_image is not None and (not self.one_image or Path(self.one_image).name != self.one_image):
+            raise UsageError(f"one_image must be the file name of an image in data_dir, got {self.one_image!r}")
+        self._validate_prompts()
+        check_device(self.device, "device")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UsageError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.optimizer not in ("adamw", "adamw8bit"):
@@ -144,6 +159,21 @@ class TrainConfig:
             if bad:
                 raise UsageError(f"{name} must be {allowed}, got {getattr(self, name)}")
 
+    def _validate_prompts(self) -> None:
+        """prompt_template may use only {placeholder} and {class_name} (no positions, attributes or format specs);
+        validation prompts are non-empty strings."""
+        try:
+            fields_used = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(self.prompt_template)
+                           if f is not None]
+        except ValueError as e:
+            raise UsageError(f"prompt_template {self.prompt_template!r} is not a valid template: {e}") from None
+        for f, conv, spec in fields_used:
+            if f not in ("placeholder", "class_name") or conv or spec:
+                raise UsageError(f"prompt_template {self.prompt_template!r} uses {{{f}}}: only {{placeholder}} "
+                                 "and {class_name} are filled in")
+        if not all(isinstance(p, str) and p.strip() for p in self.validation_prompts):
+            raise UsageError(f"validation_prompts must be a list of non-empty strings, got {self.validation_prompts!r}")
+
     def prompt(self) -> str:
         return self.prompt_template.format(placeholder=self.placeholder, class_name=self.class_name).replace("  ", " ").strip()
 
@@ -168,6 +198,11 @@ def _check_types(cfg: TrainConfig) -> None:
         if v is None:
             if not optional:
                 raise UsageError(f"{f.name} must not be null")
+            continue
+        if get_origin(base) in (list, List):
+            item = get_args(base)[0]
+            if not isinstance(v, list) or not all(_TYPE_CHECKS[item](i) for i in v):
+                raise UsageError(f"{f.name} must be a list of {item.__name__}, got {v!r}")
             continue
         check = _TYPE_CHECKS.get(base)
         if check is not None and not check(v):
@@ -222,8 +257,30 @@ def is_simpletuner(d: dict) -> bool:
     return bool(keys & {"model_type", "lora_type", "lycoris_config", "pretrained_model_name_or_path", "model_family"})
 
 
+SIMPLETUNER_TYPES = {"model_type": str, "lora_type": str, "lycoris_config": str, "data_backend_config": str,
+                     "instance_prompt": str, "optimizer": str, "model_family": str, "num_train_epochs": int,
+                     "use_8bit_adam": bool}
+
+
+def _check_simpletuner_types(d: dict) -> None:
+    """The SimpleTuner keys tlora reads itself, each of its exact type (the mapped ones are checked as TrainConfig
+    fields)."""
+    for k, t in SIMPLETUNER_TYPES.items():
+        if k in d and not _TYPE_CHECKS[t](d[k]):
+            raise UsageError(f"SimpleTuner {k} must be {t.__name__}, got {d[k]!r}")
+    for k in ("validation_prompt", "validation_prompts"):
+        v = d.get(k)
+        if k in d and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(i, str) for i in v)):
+            raise UsageError(f"SimpleTuner {k} must be a string or a list of strings, got {v!r}")
+    r = d.get("resolution")
+    if isinstance(r, float) and not r.is_integer():
+        raise UsageError(f"SimpleTuner resolution {r} is not a pixel size: tlora trains square images of an integer "
+                         "resolution (resolution_type 'area' is not supported)")
+
+
 def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     d = {k.lstrip("-"): v for k, v in raw.items()}
+    _check_simpletuner_types(d)
     if d.get("model_type", "lora") != "lora":
         raise UsageError(f"SimpleTuner model_type {d['model_type']!r} is not supported: tlora trains model_type 'lora'")
     if d.get("lora_type", "lycoris") != "lycoris":
@@ -234,13 +291,15 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     lyc_path = _resolve(d["lycoris_config"], base_dir)
     try:
         tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError))
+    except UsageError:
+        raise
     except ValueError as e:
-        raise UsageError(f"{lyc_path}: {e}") from None
+        raise UsageError(f"{lyc_path}: {_renamed(str(e), _LYCORIS_NAMES, '')}") from None
     out: dict = {"tlora": tl}
     for k, v in d.items():
         if k in SIMPLETUNER_KEYS:
             out[SIMPLETUNER_KEYS[k]] = v
-    if isinstance(out.get("resolution"), float):
+    if isinstance(out.get("resolution"), float):     # 1024.0: an integer (checked above)
         out["resolution"] = int(out["resolution"])
     if "validation_prompts" in d or "validation_prompt" in d:
         vp = d.get("validation_prompts", d.get("validation_prompt"))
@@ -270,9 +329,7 @@ def _resolve(path: str, base_dir: Path) -> Path:
 
 
 def _data_dir_from_backend(path: Path, base_dir: Path) -> str:
-    if not path.is_file():
-        raise UsageError(f"data_backend_config not found: {path}")
-    backends = json.loads(path.read_text())
+    backends = read_mapping(path, "data_backend_config", UsageError, lists=True)
     for b in backends if isinstance(backends, list) else [backends]:
         if isinstance(b, dict) and b.get("instance_data_dir") and b.get("dataset_type", "image") == "image":
             return str(_resolve(b["instance_data_dir"], base_dir))
@@ -290,13 +347,26 @@ OFFICIAL_FLAGS = {
 
 
 _OFFICIAL_NAMES = {"rank": "lora_rank", "min_rank": "min_rank", "exponent": "alpha_rank_scale",
-                   "trainer_type": "trainer_type", "sig_type": "sig_type"}
+                   "trainer_type": "trainer_type", "sig_type": "sig_type", "max_steps": "num_train_epochs",
+                   "num_validation_images": "num_val_imgs_per_prompt", "placeholder": "placeholder_token",
+                   "batch_size": "train_batch_size", "seed": "seed", "learning_rate": "learning_rate",
+                   "resolution": "resolution", "mixed_precision": "mixed_precision",
+                   "checkpointing_steps": "checkpointing_steps", "validation_steps": "checkpointing_steps",
+                   "one_image": "one_image", "class_name": "class_name", "device": "device"}
+
+
+_LYCORIS_NAMES = {"rank": "linear_dim", "alpha": "linear_alpha", "min_rank": "tlora_min_rank",
+                  "exponent": "tlora_alpha", "variant": "tlora_variant", "init": "tlora_init"}
+
+
+def _renamed(msg: str, names: dict, dashes: str = "--") -> str:
+    """A config error in the source's own key ("rank must be …" → "--lora_rank must be …")."""
+    head, _, rest = msg.partition(" ")
+    return f"{dashes}{names[head]} {rest}" if head in names else msg
 
 
 def _official_message(msg: str) -> str:
-    """A TLoRAConfig error in the official flag's name ("rank must be …" → "--lora_rank must be …")."""
-    head, _, rest = msg.partition(" ")
-    return f"--{_OFFICIAL_NAMES[head]} {rest}" if head in _OFFICIAL_NAMES else msg
+    return _renamed(msg, _OFFICIAL_NAMES)
 
 
 def _given(a: dict, key: str, default):
@@ -326,11 +396,19 @@ def from_official(a: dict) -> TrainConfig:
     for k, v in simple.items():
         if a.get(k) is not None:
             d[v] = a[k]
-    if a.get("validation_prompts"):
-        d["validation_prompts"] = [p.strip() for p in a["validation_prompts"].split("#") if p.strip()]
-    if a.get("checkpointing_steps"):
+    if a.get("validation_prompts") is not None:
+        d["validation_prompts"] = [p.strip() for p in a["validation_prompts"].split("#")]
+        if not all(d["validation_prompts"]):
+            raise UsageError(f"--validation_prompts {a['validation_prompts']!r} has an empty prompt: separate "
+                             "non-empty prompts with #")
+    if a.get("checkpointing_steps") is not None:
         d["validation_steps"] = a["checkpointing_steps"]   # the official script validates at each checkpoint
-    return TrainConfig.from_dict(d)
+    try:
+        cfg = TrainConfig.from_dict(d)
+        cfg.validate()
+    except UsageError as e:
+        raise UsageError(_official_message(str(e))) from None
+    return cfg
 
 
 def load_config(path: Optional[str], sets: List[str], official: Optional[dict] = None) -> TrainConfig:

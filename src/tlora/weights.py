@@ -196,12 +196,43 @@ def parse_header(meta: Dict[str, str], path: Any = "file") -> dict:
                                "use `tlora convert` for LyCORIS, official or LoRA files")
     try:
         header = json.loads(meta["tlora"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise WeightsFileError(f"{path} has a corrupted 'tlora' header (invalid JSON)") from None
-    if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
-        raise WeightsFileError(f"{path}: unsupported format {header.get('format')!r} "
-                               f"version {header.get('format_version')!r}; upgrade tlora")
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"{path}: its 'tlora' header is not a JSON object")
+    if header.get("format") != FORMAT or not isinstance(header.get("format_version"), int) or \
+            header["format_version"] > FORMAT_VERSION:
+        raise WeightsFileError(f"{path}: its 'tlora' header has format {header.get('format')!r} version "
+                               f"{header.get('format_version')!r}, which this tlora does not read; upgrade tlora")
+    try:
+        _check_header(header)
+    except (ValueError, TypeError) as e:
+        raise WeightsFileError(f"{path}: malformed 'tlora' header: {first_line(e)}") from None
     return header
+
+
+def _check_header(header: dict) -> None:
+    """The structure :func:`build_network` relies on: T, a valid config, a non-empty map of valid module specs."""
+    T = header.get("num_train_timesteps")
+    if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
+        raise ValueError(f"num_train_timesteps must be an int > 0, got {T!r}")
+    if not isinstance(header.get("config"), dict):
+        raise ValueError(f"config must be an object, got {header.get('config')!r}")
+    TLoRAConfig.from_dict(header["config"])
+    mods = header.get("modules")
+    if not isinstance(mods, dict) or not mods or not all(isinstance(m, dict) for m in mods.values()):
+        raise ValueError(f"modules must be a non-empty object of module entries, got {str(mods)[:60]}")
+    for path, m in mods.items():
+        missing = {f for f in ModuleSpec.__dataclass_fields__ if f != "svd"} - set(m)
+        if missing:
+            raise ValueError(f"modules[{path!r}] lacks {', '.join(sorted(missing))}")
+        TLoRAConfig.check_settings({**m, "svd": "exact"}, f"modules[{path!r}].")   # svd here: the method used
+        shape = m["base_shape"]
+        if m["kind"] not in ("linear", "conv2d") or not isinstance(shape, list) or \
+                not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise ValueError(f"modules[{path!r}] has kind {m['kind']!r} and base_shape {shape!r}")
+        if isinstance(m["alpha"], bool) or not isinstance(m["alpha"], (int, float)):
+            raise ValueError(f"modules[{path!r}].alpha must be a number, got {m['alpha']!r}")
 
 
 def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig, source: str = "file"
