@@ -119,17 +119,74 @@ def test_resume_after_kill_is_bit_identical(models, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_with_last_checkpoint_intact(models, data, tmp_path):
+@pytest.mark.parametrize("target", ["weights", "gradient"])
+def test_non_finite_loss_stops_with_last_checkpoint_intact(models, data, tmp_path, target):
+    """A NaN weight, or a NaN gradient (through clipping into every update), at step 3: the run stops before
+    anything of step 3 is saved and names checkpoint-2, which exists and is finite."""
     def poison(step, network, t):
         if step == 3:
             with torch.no_grad():
-                next(iter(network.parameters())).fill_(float("nan"))
+                p = next(iter(network.parameters()))
+                (p if target == "weights" else p.grad).fill_(float("nan"))
     cfg = cfg_for(models["sd15"], data, tmp_path / "o", max_steps=6, checkpointing_steps=2, validation_steps=0)
     with pytest.raises(TrainingError, match=r"non-finite at step 3.*checkpoint-2"):   # the weights check, after the
         train(cfg, on_grads=poison)                                                  # update; the loss would at 4
     tensors, _ = tlora.weights.read(tmp_path / "o" / "checkpoint-2" / "tlora.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert not (tmp_path / "o" / "tlora.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def _tree(p):
+    return {str(q.relative_to(p)): q.read_bytes() for q in sorted(p.rglob("*")) if q.is_file()}
+
+
+def test_a_foreign_checkpoint_is_kept_never_resumed_and_keep_last_k_counts_only_this_runs(models, data, tmp_path,
+                                                                                           capsys):
+    """OUT/checkpoint-50 of another run (rank 8): a fresh rank-4 run is refused in one line saying what differs;
+    a rank-4 run that has its own checkpoints resumes its own latest (not 50), and keep-last-1 prunes only its
+    own; checkpoint-50 keeps every byte."""
+    other = cfg_for(models["sd15"], data, tmp_path / "other", max_steps=2, checkpointing_steps=2, validation_steps=0,
+                    tlora=tlora.TLoRAConfig(rank=8, target_module=()))
+    train(other)
+    out = tmp_path / "out"
+    ours = dict(checkpointing_steps=1, validation_steps=0, checkpoints_total_limit=1)
+    train(cfg_for(models["sd15"], data, out, max_steps=2, **ours))               # this run: checkpoint-2
+    import shutil
+    shutil.copytree(tmp_path / "other" / "checkpoint-2", out / "checkpoint-50")
+    foreign = _tree(out / "checkpoint-50")
+    (tmp_path / "fresh.json").write_text(json.dumps(
+        {"model": models["sd15"], "data_dir": data, "output_dir": str(out), "resolution": 32, "max_steps": 2,
+         "device": "cpu", "class_name": "toy", "tlora": {"rank": 8}}))
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "fresh.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-2 of another run" in err[0] and "tlora.rank: 4 → 8" in err[0]
+    steps = []
+    train(cfg_for(models["sd15"], data, out, max_steps=4, resume="latest", **ours),
+          on_step=lambda s, l: steps.append(s))
+    assert steps == [3, 4]                                          # resumed from its own checkpoint-2, not 50
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-50"]
+    assert _tree(out / "checkpoint-50") == foreign
+
+
+@pytest.mark.parametrize("what", ["family", "base", "rank"])
+def test_resume_across_family_base_or_rank_is_refused_in_one_line(models, data, tmp_path, capsys, what):
+    train(cfg_for(models["sd15"], data, tmp_path / "a", max_steps=2, checkpointing_steps=2, validation_steps=0))
+    import shutil
+    base = tmp_path / "copy-of-sd15"
+    shutil.copytree(models["sd15"], base)
+    model, rank = {"family": (models["sdxl"], 4), "base": (str(base), 4), "rank": (models["sd15"], 8)}[what]
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"model": model, "data_dir": data, "output_dir": str(tmp_path / "b"), "resolution": 32, "max_steps": 4,
+         "device": "cpu", "validation_steps": 0, "resume": str(tmp_path / "a" / "checkpoint-2"),
+         "class_name": "toy", "tlora": {"rank": rank}}))
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    says = {"family": "family: 'sd15' → 'sdxl'", "base": "model: ", "rank": "tlora.rank: 4 → 8"}[what]
+    assert len(err) == 1 and "is from another run" in err[0] and says in err[0], err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("bad", [{"max_grad_norm": float("nan")}, {"max_grad_norm": -1.0}, {"adam_beta1": 2.0},
