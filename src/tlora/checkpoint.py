@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -154,7 +154,8 @@ def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_scheduler, generator: torch.Generator,
-                    metadata: dict) -> Path:
+                    metadata: dict, extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """``output_dir/checkpoint-<step>``, complete or not at all; ``extra(folder)`` adds files before the rename."""
     final = output_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
@@ -166,6 +167,8 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
         sched = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "lr_scheduler": sched},
                                                    indent=1, default=float, allow_nan=False))
+        if extra is not None:
+            extra(tmp)
         if final.exists():
             shutil.rmtree(final)
         plain_mode(tmp, directory=True)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,14 +18,15 @@ from .errors import UsageError
 from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
 from .fileio import atomic_write, check_output
 from .formats import read_state, summary, write_state
+from .processors import use_pil_image_processors
 from .schedule import RankSchedule
 from .trainconfig import OFFICIAL_FLAGS, load_config
 from .weights import WeightsFileError, network_from_state
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers pipeline: local folder or hub id")
-    p.add_argument("--weights", required=True, help="tlora .safetensors file (schedule read from its header)")
+    p.add_argument("--model", help="diffusers pipeline: local folder or hub id")
+    p.add_argument("--weights", help="tlora .safetensors file (schedule read from its header)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for more")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--prompt-set", choices=["live", "object"],
@@ -34,8 +34,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placeholder", default="sks", help="identifier token for --prompt-set")
     p.add_argument("--class", dest="class_name", default="", help="class word for --prompt-set")
     p.add_argument("--negative-prompt")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed..seed+N-1)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (official inference: 25)")
+    p.add_argument("--num-images", type=int, help="images per prompt (seeds seed..seed+N-1; default 1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 25, as the official inference)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default per family: SD1.5 7.5, SDXL 5.0, SD3 7.0, Flux 3.5, Flux.2 4.0)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,20 +45,64 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mask", action="store_true", help="adapters at full rank at every step (for comparison)")
-    p.add_argument("--out", required=True, help="output folder: PNGs, grid.png, generate.json")
+    p.add_argument("--out", help="output folder: PNGs, grid.png, generate.json")
+    off = p.add_argument_group(
+        "the official inference.py", "tlora generate --config_path RUN/logs/hparams.yml --checkpoint_idx 800 "
+        "--prompts 'a {0} riding a bike#a {0} swimming': images go to <checkpoint>/samples/ns<steps>_gs<guidance>/"
+        "version_<v>/<prompt>/<i>.png ({0} = placeholder class); --seed, --device and --dtype apply too")
+    off.add_argument("--config_path", help="the run's logs/hparams.yml (official or tlora train with official flags)")
+    off.add_argument("--checkpoint_idx", help="N of checkpoint-N (default: the run folder itself)")
+    off.add_argument("--prompts", help="prompts separated by #, {0} = placeholder class")
+    for flag, typ, default in OFFICIAL_INFERENCE_FLAGS:
+        off.add_argument(f"--{flag}", type=typ, default=None, help=f"default {default}")
+    off.add_argument("--replace_inference_output", action="store_true", help="regenerate prompts already done")
+
+
+OFFICIAL_INFERENCE_FLAGS = (("num_images_per_prompt", int, 5), ("batch_size", int, 1), ("num_inference_steps", int, 25),
+                            ("guidance_scale", float, 5.0), ("version", int, 0))
+_OURS_ONLY = ("model", "weights", "out", "prompt", "prompts_file", "prompt_set", "negative_prompt", "num_images",
+              "steps", "guidance", "height", "width", "no_mask")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
+    official = [f for f, _, _ in OFFICIAL_INFERENCE_FLAGS] + ["checkpoint_idx", "prompts", "replace_inference_output"]
+    if a.config_path is not None:
+        ours = [f for f in _OURS_ONLY if getattr(a, f) not in (None, [], False)]
+        if ours:
+            raise UsageError(f"--config_path runs the official inference; --{ours[0].replace('_', '-')} belongs to "
+                             "the other form (--model --weights --out)")
+        return _official_generate(a)
+    given = [f for f in official if getattr(a, f) not in (None, False)]
+    if given:
+        raise UsageError(f"--{given[0]} is an official inference flag: it needs --config_path RUN/logs/hparams.yml")
+    missing = [f for f in ("model", "weights", "out") if getattr(a, f) is None]
+    if missing:
+        raise UsageError(f"the following arguments are required: --{', --'.join(missing)} (or --config_path for an "
+                         "official run)")
     from .generate import GenerateSettings, read_prompts_file, run_generate   # diffusers: loaded when it runs
     prompts = list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])
     if a.prompt_set:
         prompts += prompt_set(a.prompt_set, a.placeholder, a.class_name)
     s = GenerateSettings(model=a.model, weights=a.weights, prompts=prompts, out=a.out,
-                         negative_prompt=a.negative_prompt, num_images=a.num_images, steps=a.steps,
+                         negative_prompt=a.negative_prompt, num_images=1 if a.num_images is None else a.num_images,
+                         steps=25 if a.steps is None else a.steps,
                          guidance=a.guidance, seed=a.seed, multiplier=a.multiplier, height=a.height,
                          width=a.width, dtype=a.dtype, device=a.device, mask=not a.no_mask)
     out = run_generate(s)
     print(f"wrote {out}/grid.png and {out}/generate.json")
+    return 0
+
+
+def _official_generate(a: argparse.Namespace) -> int:
+    from .generate import DTYPES
+    from .official import InferenceSettings, run_inference   # diffusers: loaded when it runs
+    if a.prompts is None:
+        raise UsageError("--prompts is required with --config_path (prompts separated by #, {0} = placeholder class)")
+    flags = {f: getattr(a, f) for f, _, _ in OFFICIAL_INFERENCE_FLAGS if getattr(a, f) is not None}
+    s = InferenceSettings(config_path=a.config_path, prompts=a.prompts, checkpoint_idx=a.checkpoint_idx,
+                          replace_inference_output=a.replace_inference_output, seed=a.seed, device=a.device,
+                          dtype=DTYPES[a.dtype], **flags)
+    print(f"wrote {run_inference(s)}")
     return 0
 
 
@@ -249,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     parser = build_parser()
     args = parser.parse_args(argv)
-    import diffusers      # after parsing: a bad argument or --help never waits for them
+    use_pil_image_processors()   # after parsing: a bad argument or --help never waits for transformers
+    import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
     transformers.utils.logging.disable_progress_bar()

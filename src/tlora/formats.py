@@ -193,6 +193,27 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
                                                                          if isinstance(v, (int, float, str, bool))}})
 
 
+def to_official(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]:
+    """Native state → the official layout (``save_attn_procs`` keys of to_q/to_k/to_v/to_out.0, scale 1: a
+    scale alpha/rank other than 1 is folded into up, or into λ and λ0). The schedule is not in the file: the
+    run's ``hparams.yml`` holds it."""
+    inverse = {leaf: name for name, leaf in OFFICIAL_NAMES.items()}
+    projections = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+    out: Tensors = {}
+    for path, spec in header["modules"].items():
+        proj = next((p for p in projections if path.endswith("." + p)), None)
+        if proj is None or spec["kind"] != "linear":
+            raise ValueError(f"the official layout holds only to_q/to_k/to_v/to_out.0 of attention layers, not {path}")
+        scale = spec["alpha"] / spec["rank"]
+        pre = f"{path[:-len(proj) - 1]}.processor.{projections[proj]}_lora"
+        for leaf in (("lora_down", "lora_up") if spec["variant"] == "vanilla" else ("q", "p", "lam", "q0", "p0", "lam0")):
+            t = tensors[f"{path}.{leaf}"].float()
+            if leaf in ("lora_up", "lam", "lam0"):
+                t = t * scale
+            out[f"{pre}.{inverse[leaf]}"] = (t.reshape(1, -1) if leaf in ("lam", "lam0") else t).contiguous()
+    return out, {"format": "pt"}
+
+
 # -- plain LoRA exports --------------------------------------------------------------------------------------------
 def lora_factors(tensors: Tensors, path: str, spec: dict, r: Optional[int] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -26,11 +26,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import weights
+from . import official, weights
 from .data import batch_indices, check_images, find_images, load_examples
 from .errors import UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
 from .fileio import check_output, first_line, save_png, write_json
+from .formats import to_official
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
@@ -232,6 +233,11 @@ def setup(cfg: TrainConfig) -> Run:
     network.family = family.name
     cfg.tlora = tl
     ours, resume_from = _own_checkpoints(cfg, out, family.name)
+    if cfg.official_flags:     # the official layout holds UNet attention projections only: refuse others now
+        try:
+            to_official(network.state_dict(), weights.header_of(network))
+        except ValueError as e:
+            raise UsageError(f"official flags: {e} ({family.name} is not an official T-LoRA model)") from None
     embedder = None
     if cfg.eval_clip_model:       # load the evaluation models now: a bad path stops the run before it writes
         from .evaluate import Embedder   # transformers' CLIP / DINO stack: only runs that evaluate need it
@@ -305,7 +311,9 @@ def prepare_training(run: Run, acc: Accelerator) -> Optimization:
     scheduler = run.family.training.scheduler(run.pipe.scheduler)
     prediction_type = cfg.prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
     den.requires_grad_(False)
-    den.to(acc.device, dtype=weight_dtype)                # adapters stay float32 (TLoRAAdapter._apply)
+    den.to(acc.device)
+    if weight_dtype != torch.float32:   # a same-dtype .to(dtype) makes diffusers warn about float32 modules
+        den.to(dtype=weight_dtype)      # adapters stay float32 (TLoRAAdapter._apply)
     for p in run.network.parameters():
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -348,6 +356,8 @@ class Outputs:
             (out / "samples").mkdir(exist_ok=True)
             self.writer = SummaryWriter(str(out / "logs"))
             self.last_checkpoint = self.ours[-1] if self.ours else None
+            if cfg.official_flags:
+                official.write_hparams(cfg.official_flags, out)
 
     def log(self, step: int, loss: float, lr: float, mean_rank: float) -> None:
         if self.main:
@@ -357,8 +367,11 @@ class Outputs:
 
     def checkpoint(self, step: int, opt: Optimization) -> None:
         if self.main:
-            path = ckpt.save_checkpoint(self.run.out, step, self.run.network, opt.optimizer, opt.lr_scheduler, opt.gen,
-                                        self.metadata)
+            net = self.run.network
+            extra = (lambda folder: official.write_weights(net.state_dict(), weights.header_of(net), folder)) \
+                if self.run.cfg.official_flags else None
+            path = ckpt.save_checkpoint(self.run.out, step, net, opt.optimizer, opt.lr_scheduler, opt.gen,
+                                        self.metadata, extra)
             self.ours = ckpt.prune([p for p in self.ours if p != path] + [path], self.run.cfg.checkpoints_total_limit)
             self.last_checkpoint = path
 

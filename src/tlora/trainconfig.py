@@ -65,6 +65,8 @@ class TrainConfig:
     validation_multiplier: float = 1.0
     eval_clip_model: Optional[str] = None        # set to compute IS / TS at each validation (tlora evaluate)
     eval_dino_model: Optional[str] = None        # optional DINO-IS
+    official_flags: Optional[dict] = None        # started with the official flags: also writes logs/hparams.yml and
+                                                 # checkpoint-N/pytorch_lora_weights.safetensors (tlora.official)
     best_metric: str = "TS"                      # IS | DINO_IS | TS | IS+TS: picks OUT/tlora-best.safetensors
     checkpointing_steps: int = 100
     checkpoints_total_limit: Optional[int] = 3   # keep the last K checkpoints
@@ -183,7 +185,7 @@ class TrainConfig:
         return [p.replace("{0}", subject) for p in self.validation_prompts] or [self.prompt()]
 
 
-_TYPE_CHECKS = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+_TYPE_CHECKS = {dict: lambda v: isinstance(v, dict), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
                 float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                 bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
 
@@ -387,7 +389,11 @@ def from_official(a: dict) -> TrainConfig:
                                        _given(a, "alpha_rank_scale", 1.0), _given(a, "sig_type", "last"))
     except ValueError as e:
         raise UsageError(_official_message(str(e))) from None
-    d: dict = {"tlora": tl, "model": _given(a, "pretrained_model_name_or_path", ""),
+    flags = {"trainer_class": trainer_class, "trainer_type": _given(a, "trainer_type", "ortho_lora"), "lora_rank": rank,
+             "min_rank": _given(a, "min_rank", 32), "alpha_rank_scale": float(_given(a, "alpha_rank_scale", 1.0)),
+             "sig_type": _given(a, "sig_type", "last"), "revision": None,
+             **{k: v for k, v in a.items() if v is not None and k not in ("output_dir", "wandb_api_key")}}
+    d: dict = {"tlora": tl, "official_flags": flags, "model": _given(a, "pretrained_model_name_or_path", ""),
                "data_dir": _given(a, "train_data_dir", ""), "max_steps": _given(a, "num_train_epochs", 800)}
     simple = {"output_dir": "output_dir", "mixed_precision": "mixed_precision", "checkpointing_steps": "checkpointing_steps",
               "resolution": "resolution", "num_val_imgs_per_prompt": "num_validation_images",
