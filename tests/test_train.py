@@ -350,3 +350,17 @@ def test_a_busy_output_folder_is_refused_and_a_stale_lock_taken_over(models, dat
     (out / ".tlora.lock").write_text("999999999")                   # no such process
     train(cfg_for(models["sd15"], data, out, max_steps=1, validation_steps=0))
     assert (out / "tlora.safetensors").is_file() and not (out / ".tlora.lock").exists()
+
+
+def test_tlora_train_start_prints_no_torchvision_fallback_warnings(models, data, tmp_path):
+    """transformers' "`CLIPImageProcessor` requires torchvision" lines (once per processor diffusers imports) and
+    diffusers' same-dtype cast warning are gone at the source: stderr holds only the progress bar."""
+    import subprocess
+    import sys
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"model": models["sd15"], "data_dir": data, "output_dir": str(tmp_path / "out"), "resolution": 32,
+         "max_steps": 1, "num_validation_images": 0, "device": "cpu", "tlora": {"rank": 4}}))
+    r = subprocess.run([sys.executable, "-m", "tlora", "train", "--config", str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torchvision" not in r.stderr and "float32" not in r.stderr, r.stderr

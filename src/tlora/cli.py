@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert between tlora, LyCORIS, official T-LoRA, diffusers and kohya files")
     c.add_argument("input", help="tlora, LyCORIS (algo tlora) or official T-LoRA .safetensors")
     c.add_argument("output")
-    c.add_argument("--to", required=True, choices=["tlora", "lycoris", "diffusers", "kohya"])
+    c.add_argument("--to", required=True, choices=["tlora", "lycoris", "official", "diffusers", "kohya"],
+                   help="official: pytorch_lora_weights.safetensors of the official repository (UNet attention)")
     c.add_argument("--model", help="base pipeline (folder or hub id); needed to read LyCORIS files")
     c.add_argument("--min-rank", type=int, help="schedule min rank, when the input file does not store it")
     c.add_argument("--exponent", type=float, help="schedule exponent (tlora_alpha / alpha_rank_scale), when not stored")

@@ -332,16 +332,17 @@ def load(path, model: nn.Module, min_rank: Optional[int] = None, exponent: Optio
 
 
 def write_state(fmt: str, tensors: Tensors, header: dict, path, at_timestep: Optional[float] = None) -> None:
-    """Native state → a file of format ``fmt`` (tlora | lycoris | diffusers | kohya), written atomically."""
+    """Native state → a file of format ``fmt`` (tlora | lycoris | official | diffusers | kohya), written atomically."""
     if fmt == "tlora":
         write_native(tensors, header, path)
         return
-    if at_timestep is not None and fmt == "lycoris":
-        raise ValueError("--at-timestep applies to plain LoRA exports (diffusers, kohya), not to lycoris")
-    writers = {"lycoris": lambda: to_lycoris(tensors, header), "diffusers": lambda: to_diffusers(tensors, header, at_timestep),
+    if at_timestep is not None and fmt in ("lycoris", "official"):
+        raise ValueError(f"--at-timestep applies to plain LoRA exports (diffusers, kohya), not to {fmt}")
+    writers = {"lycoris": lambda: to_lycoris(tensors, header), "official": lambda: to_official(tensors, header),
+               "diffusers": lambda: to_diffusers(tensors, header, at_timestep),
                "kohya": lambda: to_kohya(tensors, header, at_timestep)}
     if fmt not in writers:
-        raise ValueError(f"unknown output format {fmt!r}; choose one of tlora, lycoris, diffusers, kohya")
+        raise ValueError(f"unknown output format {fmt!r}; choose one of tlora, lycoris, official, diffusers, kohya")
     out, meta = writers[fmt]()
     atomic_save_file(out, path, meta)
 

@@ -169,8 +169,7 @@ def run_generate(s: GenerateSettings) -> Path:
             handle = attach(pipe, s.weights, multiplier=s.multiplier, mask=s.mask)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(s.out)              # created by the first image written: a failed run leaves no empty folder
     try:
         results = sample_images(pipe, s.prompts, s.num_images, s.seed, s.steps, guidance, s.negative_prompt,
                                 s.height, s.width)

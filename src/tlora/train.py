@@ -352,8 +352,7 @@ class Outputs:
         self.last_checkpoint = None
         self.ours = list(run.own_checkpoints)        # keep-last-K prunes only these
         if self.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "samples").mkdir(exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)       # samples/ appears with its first grid
             self.writer = SummaryWriter(str(out / "logs"))
             self.last_checkpoint = self.ours[-1] if self.ours else None
             if cfg.official_flags:

@@ -149,7 +149,7 @@ def _jsonable_config(model: nn.Module) -> Optional[dict]:
 
 def write_native(tensors: Dict[str, torch.Tensor], header: dict, path: os.PathLike) -> Path:
     """A native file: the tensors as float32, the header as JSON, the checksum over both; written atomically."""
-    text = json.dumps(header, sort_keys=True)
+    text = json.dumps(header, sort_keys=True, allow_nan=False)
     t = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     atomic_save_file(t, path, {"tlora": text, "tlora_sha256": _checksum(text, t), "format": "pt"})
     return Path(path)
