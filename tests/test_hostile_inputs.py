@@ -26,6 +26,7 @@ from tlora.weights import write_native
 from conftest import perturb
 from test_formats import official_checkpoint
 
+DROP = object()     # a key to leave out of a config (None stays: it is JSON null)
 DEEP = '{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"
 
 
@@ -56,10 +57,10 @@ BASE = {"resolution": 32, "max_steps": 1, "device": "cpu", "validation_steps": 0
 
 
 def cfg(**change):
-    """A tlora JSON config (the good one, with ``change`` applied; a None value removes the key)."""
+    """A tlora JSON config (the good one, with ``change`` applied; DROP removes the key)."""
     d = dict(BASE, model="{model}", data_dir="{data}", output_dir="{out}")
     for k, v in change.items():
-        if v is None:
+        if v is DROP:
             d.pop(k, None)
         else:
             d[k] = v
@@ -83,7 +84,7 @@ def simpletuner(says, lycoris=None, **change):
           "pretrained_model_name_or_path": "{model}", "instance_data_dir": "{data}", "output_dir": "{out}",
           "max_train_steps": 1, "resolution": 32}
     for k, v in change.items():
-        if v is None:
+        if v is DROP:
             st.pop(k, None)
         else:
             st[k] = v
@@ -196,7 +197,10 @@ CASES = {
     "learning_rate 0": train_cfg("learning_rate", learning_rate=0.0),
     "learning_rate inf": train_cfg("learning_rate", learning_rate=float("inf")),
     "learning_rate string": train_cfg("learning_rate", learning_rate="1e-4"),
-    "learning_rate null": train_cfg("learning_rate", learning_rate=[]),
+    "learning_rate list": train_cfg("learning_rate", learning_rate=[]),
+    "learning_rate null": train_cfg("learning_rate", learning_rate=None),
+    "validation_prompts null": train_cfg("validation_prompts", validation_prompts=None),
+    "model null": train_cfg("model", model=None),
     "lr_warmup_steps -5": train_cfg("lr_warmup_steps", lr_warmup_steps=-5),
     "lr_scheduler bogus": train_cfg("lr_scheduler", lr_scheduler="bogus"),
     "lr_scheduler number": train_cfg("lr_scheduler", lr_scheduler=3),
@@ -267,6 +271,9 @@ CASES = {
     "tlora rank 0": tl("rank", rank=0),
     "tlora rank true": tl("rank", rank=True),
     "tlora rank 3.7": tl("rank", rank=3.7),
+    "tlora min_rank true": tl("min_rank", min_rank=True),
+    "tlora exponent true": tl("exponent", exponent=True),
+    "tlora multiplier true": tl("multiplier", multiplier=True),
     "tlora min_rank above rank": tl("min_rank", min_rank=5),
     "tlora exponent NaN": tl("exponent", exponent=float("nan")),
     "tlora exponent -3": tl("exponent", exponent=-3.0),
@@ -293,7 +300,7 @@ CASES = {
     "--config and official flags": (["train", "--config", "{in}/c.json", "--lora_rank=4"], {"c.json": cfg()},
                                     "--config"),
     "no config at all": (["train"], {}, "--config"),
-    "--device bogus": (["train", "--config", "{in}/c.json", "--device", "tpu9"], {"c.json": cfg(device=None)},
+    "--device bogus": (["train", "--config", "{in}/c.json", "--device", "tpu9"], {"c.json": cfg(device=DROP)},
                        "device"),
     # -- --resume ------------------------------------------------------------------------------------------------
     "resume missing": (["train", "--config", "{in}/c.json", "--resume", "{in}/checkpoint-9"], {"c.json": cfg()},
@@ -324,7 +331,8 @@ CASES = {
     # -- SimpleTuner config + LyCORIS JSON ------------------------------------------------------------------------
     "ST lycoris_config missing": simpletuner("lycoris_config", lycoris_config="{in}/none.json"),
     "ST lycoris_config list": simpletuner("lycoris_config", lycoris_config=["a.json"]),
-    "ST lycoris_config null": simpletuner("lycoris_config", lycoris_config=[]),
+    "ST lycoris_config empty list": simpletuner("lycoris_config", lycoris_config=[]),
+    "ST lycoris_config null": simpletuner("lycoris_config", lycoris_config=None),
     "ST model_type number": simpletuner("model_type", model_type=5),
     "ST model_type full": simpletuner("model_type", model_type="full"),
     "ST lora_type standard": simpletuner("lora_type", lora_type="standard"),
@@ -334,12 +342,12 @@ CASES = {
     "ST learning_rate list": simpletuner("learning_rate", learning_rate=[1e-4]),
     "ST validation_prompt number": simpletuner("validation_prompt", validation_prompt=5),
     "ST instance_prompt list": simpletuner("instance_prompt", instance_prompt=["x"]),
-    "ST num_train_epochs string": simpletuner("num_train_epochs", num_train_epochs="ten", max_train_steps=None),
+    "ST num_train_epochs string": simpletuner("num_train_epochs", num_train_epochs="ten", max_train_steps=DROP),
     "ST data_backend_config missing": simpletuner("data_backend_config", data_backend_config="{in}/none.json",
-                                                  instance_data_dir=None),
+                                                  instance_data_dir=DROP),
     "ST data_backend_config numbers": simpletuner("db.json", data_backend_config="{in}/db.json",
-                                                  instance_data_dir=None)[:1] + (
-        {**simpletuner("", data_backend_config="{in}/db.json", instance_data_dir=None)[1], "db.json": [1, 2]},
+                                                  instance_data_dir=DROP)[:1] + (
+        {**simpletuner("", data_backend_config="{in}/db.json", instance_data_dir=DROP)[1], "db.json": [1, 2]},
         "db.json"),
     "ST use_8bit_adam string": simpletuner("use_8bit_adam", use_8bit_adam="yes"),
     "LyCORIS algo lora": simpletuner("algo", lycoris={"algo": "lora"}),
@@ -347,7 +355,9 @@ CASES = {
     "LyCORIS linear_dim 3.7": simpletuner("linear_dim", lycoris={"linear_dim": 3.7}),
     "LyCORIS linear_dim string": simpletuner("linear_dim", lycoris={"linear_dim": "8"}),
     "LyCORIS tlora_alpha NaN": simpletuner("tlora_alpha", lycoris={"tlora_alpha": float("nan")}),
-    "LyCORIS tlora_min_rank null": simpletuner("tlora_min_rank", lycoris={"tlora_min_rank": []}),
+    "LyCORIS tlora_min_rank list": simpletuner("tlora_min_rank", lycoris={"tlora_min_rank": []}),
+    "LyCORIS tlora_min_rank null": simpletuner("tlora_min_rank", lycoris={"tlora_min_rank": None}),
+    "LyCORIS linear_dim null": simpletuner("linear_dim", lycoris={"linear_dim": None}),
     "LyCORIS apply_preset list": simpletuner("apply_preset", lycoris={"apply_preset": ["Attention"]}),
     # -- the official repository's flags --------------------------------------------------------------------------
     "official --lora_rank 0": official("--lora_rank", "--lora_rank=0"),
@@ -389,6 +399,7 @@ CASES = {
         "c.safetensors": crafted(lambda h: [m.update(base_shape=[7, 7]) for m in h["modules"].values()])}),
     "generate multiplier nan": gen("--multiplier", "--multiplier", "nan"),
     "generate guidance inf": gen("--guidance", "--guidance", "inf"),
+    "generate multiplier inf": gen("--multiplier", "--multiplier", "inf"),
     "generate steps 0": gen("--steps", "--steps", "0"),
     "generate num-images 0": gen("--num-images", "--num-images", "0"),
     "generate height 30": gen("--height", "--height", "30"),

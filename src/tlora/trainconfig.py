@@ -281,7 +281,8 @@ def _check_simpletuner_types(d: dict) -> None:
 
 
 def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
-    d = {k.lstrip("-"): v for k, v in raw.items()}
+    """A SimpleTuner config.json; as in SimpleTuner, a key set to null is a key not set."""
+    d = {k.lstrip("-"): v for k, v in raw.items() if v is not None}
     _check_simpletuner_types(d)
     if d.get("model_type", "lora") != "lora":
         raise UsageError(f"SimpleTuner model_type {d['model_type']!r} is not supported: tlora trains model_type 'lora'")
