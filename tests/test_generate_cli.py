@@ -78,3 +78,19 @@ def test_missing_required_option_is_one_line_exit_2(capsys):
     assert main(["generate", "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "required: --model, --weights, --out" in err[0]
+
+
+def test_a_write_failure_mid_run_is_one_line_exit_1_and_leaves_no_folder(setup, tmp_path, capsys, monkeypatch):
+    """The disk fills while images are written: one line naming the file, exit 1 (not bad input), no traceback,
+    no temporary file and no empty output folder left."""
+    import errno
+    import tlora.generate
+
+    def full(image, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(tlora.generate, "save_png", full)
+    rc = main(["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
+               "--prompt", "a sks dog", "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("images:")]   # the progress bar
+    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0] and "0000-seed0.png" in err[0], err
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []

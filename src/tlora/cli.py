@@ -309,6 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:        # the machine, not the input: a full disk, a folder removed under a running command
+        where = f": {e.filename}" if e.filename else ""
+        print(f"tlora {args.command}: failed: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
