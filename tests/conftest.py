@@ -28,3 +28,19 @@ def perturb(module, seed=1, std=0.05):
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def with_flags(argv, flags, drop=(), repeatable=("--prompt",)):
+    """``argv`` with each ``--flag value`` pair of ``flags`` put in: replacing the flag's value where ``argv`` has
+    it (unless the flag is repeatable), else appended; the flags in ``drop`` (with their values) removed first."""
+    argv, flags = list(argv), list(flags)
+    for f in drop:
+        i = argv.index(f)
+        del argv[i:i + 2]
+    for i in range(0, len(flags), 2):
+        pair = flags[i:i + 2]
+        if pair[0] in argv and pair[0] not in repeatable and len(pair) == 2:
+            argv[argv.index(pair[0]) + 1] = pair[1]
+        else:
+            argv += pair
+    return argv

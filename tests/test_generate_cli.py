@@ -9,7 +9,7 @@ import tlora
 from tlora.cli import main
 from tlora.tiny import build_pipeline
 
-from conftest import perturb
+from conftest import perturb, with_flags
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,7 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, extra, match)
     empty.write_text("\n  \n")
     argv = ["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
             "--prompt", "x", "--out", str(tmp_path / "out")]
-    extra = [str(empty) if e == "EMPTY" else e for e in extra]
-    for i in range(0, len(extra), 2):
-        if extra[i] in argv:
-            argv[argv.index(extra[i]) + 1] = extra[i + 1]
-        else:
-            argv += extra[i:i + 2]
+    argv = with_flags(argv, [str(empty) if e == "EMPTY" else e for e in extra])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err

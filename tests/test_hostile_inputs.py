@@ -9,7 +9,6 @@ images, ``{w}`` a good tlora weights file for it, ``{official}`` an official che
 ``{in}`` this case's input folder, ``{out}`` the output location the case must leave alone.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tlora.cli import main
 from tlora.tiny import build_pipeline
 from tlora.weights import write_native
 
-from conftest import perturb
+from conftest import perturb, with_flags
 from test_formats import official_checkpoint
 
 DROP = object()     # a key to leave out of a config (None stays: it is JSON null)
@@ -106,16 +105,7 @@ GEN = ["generate", "--model", "{model}", "--weights", "{w}", "--prompt", "a sks 
 
 
 def gen(says, *flags, files=None, drop=()):
-    argv = list(GEN)
-    for f in drop:
-        i = argv.index(f)
-        del argv[i:i + 2]
-    flags = list(flags)
-    for i in range(0, len(flags) - 1, 2):
-        if flags[i] in argv and flags[i] not in ("--prompt",):
-            argv[argv.index(flags[i]) + 1] = flags[i + 1]
-            flags[i] = flags[i + 1] = None
-    return (argv + [f for f in flags if f is not None], files or {}, says)
+    return (with_flags(GEN, flags, drop), files or {}, says)
 
 
 def conv(says, *flags, src="{w}", files=None):
@@ -127,13 +117,7 @@ EVAL = ["evaluate", "--images", "{in}/imgs", "--reference", "{data}", "--clip", 
 
 
 def evaluate(says, *flags, files=None):
-    argv = list(EVAL)
-    flags = list(flags)
-    for i in range(0, len(flags) - 1, 2):
-        if flags[i] in argv:
-            argv[argv.index(flags[i]) + 1] = flags[i + 1]
-            flags[i] = flags[i + 1] = None
-    return (argv + [f for f in flags if f is not None], {"imgs/0.png": "PNG", **(files or {})}, says)
+    return (with_flags(EVAL, flags), {"imgs/0.png": "PNG", **(files or {})}, says)
 
 
 def crafted(header_change):

@@ -1,8 +1,6 @@
 """The official workflow on tlora: ``tlora train`` with the official flags writes the official run layout, and
 ``tlora generate --config_path ... --checkpoint_idx ... --prompts ...`` (the official inference.py's flags) reads
 it, or a folder the official train.py wrote, and puts images where the official script puts them."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from tlora.official import get_seed
 from tlora.tiny import build_pipeline
 from tlora.weights import network_from_state
 
+from conftest import with_flags
 from test_formats import official_checkpoint
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
@@ -131,12 +130,7 @@ def test_official_inference_bad_input_is_one_line(world, tmp_path, capsys, extra
     before = sorted(str(p) for p in run.rglob("*"))
     argv = ["generate", "--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "3",
             "--prompts", PROMPTS]
-    for i in range(0, len(extra), 2):
-        if extra[i] in argv:
-            argv[argv.index(extra[i]) + 1] = extra[i + 1]
-        else:
-            argv += extra[i:i + 2]
-    assert main(argv) == 2
+    assert main(with_flags(argv, extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert sorted(str(p) for p in run.rglob("*")) == before
