@@ -364,3 +364,9 @@ def test_tlora_train_start_prints_no_torchvision_fallback_warnings(models, data,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torchvision" not in r.stderr and "float32" not in r.stderr, r.stderr
+
+
+def test_lr_scheduler_names_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+    from tlora.trainconfig import LR_SCHEDULERS
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}

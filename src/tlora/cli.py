@@ -25,7 +25,7 @@ from .weights import WeightsFileError, network_from_state
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="diffusers pipeline: local folder or hub id")
+    p.add_argument("--model", help="diffusers pipeline: local folder or hub id (with --weights and --out, unless --config_path)")
     p.add_argument("--weights", help="tlora .safetensors file (schedule read from its header)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for more")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
