@@ -51,6 +51,12 @@ class Variant:
         """(down (k, in, …), up (out, k, …)) with up ∘ down = the first r ranks' delta, unscaled."""
         raise NotImplementedError
 
+    def delta_slice(self, t: dict, lo: int, hi: int, out_f: int) -> torch.Tensor:
+        """ΔW (out, in_flat) in float32 of ranks lo..hi-1 only, unscaled (what folding adds as the rank grows)."""
+        raise NotImplementedError
+
+    paths_per_rank = 1      # matmul paths per rank: what one rank costs unmerged, and to fold
+
     def orthogonality_loss(self, t: dict, rank: int) -> Optional[torch.Tensor]:
         return None
 
@@ -73,6 +79,9 @@ class Vanilla(Variant):
 
     def factors(self, t, r):
         return t["lora_down"][:r], t["lora_up"][:, :r]
+
+    def delta_slice(self, t, lo, hi, out_f):
+        return Fn.lora_delta(t["lora_down"][lo:hi].reshape(hi - lo, -1), t["lora_up"][:, lo:hi].reshape(out_f, -1))
 
 
 class Ortho(Variant):
@@ -110,6 +119,13 @@ class Ortho(Variant):
         d2, u2 = Fn.ortho_as_lora(q.reshape(r, -1), p.reshape(p.shape[0], r), t["lam"][:r],
                                   t["q0"][:r].reshape(r, -1), t["p0"][:, :r].reshape(p.shape[0], r), t["lam0"][:r])
         return d2.reshape(2 * r, *q.shape[1:]), u2.reshape(p.shape[0], 2 * r, *p.shape[2:])
+
+    paths_per_rank = 2      # trained and frozen
+
+    def delta_slice(self, t, lo, hi, out_f):
+        k = hi - lo
+        return Fn.ortho_delta(t["q"][lo:hi].reshape(k, -1), t["p"][:, lo:hi].reshape(out_f, k), t["lam"][lo:hi],
+                              t["q0"][lo:hi].reshape(k, -1), t["p0"][:, lo:hi].reshape(out_f, k), t["lam0"][lo:hi])
 
     def orthogonality_loss(self, t, rank):
         return Fn.orthogonality_loss(t["q"].reshape(rank, -1), t["p"].reshape(t["p"].shape[0], -1))
@@ -161,6 +177,11 @@ class TLoRAAdapter(nn.Module):
         self.merged = False
         self._backup: Optional[torch.Tensor] = None
         self._hook = base.register_forward_hook(_add_delta)
+        self._fold_mode: Optional[str] = None             # None (off), "auto" (cost rule) or "always"
+        self._fold_hook = None
+        self._fold_backup: Optional[torch.Tensor] = None  # the base weight before folding: restored bit for bit
+        self._folded: Optional[Tuple[int, float]] = None  # (ranks folded in, multiplier · scale they carry)
+        self._use_fold = False                             # this forward runs on the folded weight
         base.add_module(ADAPTER_ATTR, self)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -256,12 +277,93 @@ class TLoRAAdapter(nn.Module):
         loss = self.form.orthogonality_loss(t, self.rank)
         return loss if loss is not None else torch.zeros((), device=next(iter(t.values())).device)
 
+    # -- folding the active ranks (sampling) --------------------------------------------------------
+    def set_folding(self, mode: Optional[str]) -> None:
+        """Sampling's fast path. When every sample of a forward shares one rank r (always at sampling: one
+        timestep per call, guidance included), ΔW_r is one matrix: ``"auto"`` folds it into the base weight when
+        that is cheaper than the unmerged adapter for the call's shapes (:meth:`fold_is_cheaper`), incrementally
+        as r changes; ``"always"`` folds at every shared-rank call; None restores the base weight bit for bit and
+        runs unmerged. Forwards with per-sample ranks always run unmerged."""
+        if mode not in (None, "auto", "always"):
+            raise ValueError(f"folding mode must be None, 'auto' or 'always', got {mode!r}")
+        if mode is None:
+            self.unfold()
+            if self._fold_hook is not None:
+                self._fold_hook.remove()
+                self._fold_hook = None
+        elif self._fold_hook is None:
+            self._fold_hook = self._base.register_forward_pre_hook(_fold_before)
+        self._fold_mode = mode
+
+    @property
+    def folded_for_this_call(self) -> bool:
+        return self._fold_mode is not None and self._use_fold
+
+    @property
+    def folded_rank(self) -> Optional[int]:
+        """Ranks folded into the base weight now (None: the base weight is its own)."""
+        return None if self._folded is None else self._folded[0]
+
+    def fold_is_cheaper(self, tokens: int, r: int) -> bool:
+        """The cost rule, in multiply-adds: folding ranks up to r from what is folded now (out·in·Δr per path,
+        in float32 incrementally; out·in·r from the saved weight in lower precision) against the unmerged
+        adapter on ``tokens`` rows (tokens·r·(in+out) per path)."""
+        w = self._base.weight
+        out_f, in_flat = w.shape[0], w[0].numel()
+        have = 0 if self._folded is None else self._folded[0]
+        changed = abs(r - have) if w.dtype == torch.float32 and self._folded is not None else r
+        return out_f * in_flat * changed <= tokens * r * (in_flat + out_f)
+
+    def _call_rank(self) -> Optional[int]:
+        """The rank every sample of this forward uses, or None when they differ."""
+        return self.rank if self._mask is None else self._shared_rank
+
+    @torch.no_grad()
+    def _before_forward(self, x: torch.Tensor) -> None:
+        r = self._call_rank()
+        if r is None or self.merged or self.multiplier == 0.0 or torch.is_grad_enabled():
+            self.unfold()
+            self._use_fold = False
+            return
+        factor = self.scale * self.multiplier
+        if self._folded != (r, factor):
+            tokens = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
+            if self._fold_mode == "always" or self.fold_is_cheaper(tokens, r):
+                self._fold_to(r, factor)
+            else:
+                self.unfold()
+        self._use_fold = self._folded == (r, factor)
+
+    def _fold_to(self, r: int, factor: float) -> None:
+        w = self._base.weight
+        t, out_f = self._tensors(), w.shape[0]
+        if self._fold_backup is None:
+            self._fold_backup = w.detach().clone()
+        have = self._folded[0] if self._folded is not None and self._folded[1] == factor else None
+        if w.dtype == torch.float32 and have is not None:        # incremental: only the ranks that switch
+            lo, hi = sorted((have, r))
+            if hi > lo:
+                d = (self.form.delta_slice(t, lo, hi, out_f) * factor).reshape(w.shape)
+                w.add_(d if r > have else -d)
+        else:                                                    # from the saved weight: one rounding only
+            d = self.form.delta_slice(t, 0, r, out_f) * factor if r else torch.zeros(out_f, w[0].numel())
+            w.copy_((self._fold_backup.float() + d.reshape(w.shape).to(w.device)).to(w.dtype))
+        self._folded = (r, factor)
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        """Restore the base weight exactly as it was before folding."""
+        if self._fold_backup is not None:
+            self._base.weight.copy_(self._fold_backup)
+        self._fold_backup, self._folded, self._use_fold = None, None, False
+
     # -- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the full-rank delta into the base weight (the mask can no longer act)."""
         if self.merged:
             return
+        self.unfold()
         w = self._base.weight
         self._backup = w.detach().clone()
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -276,8 +378,9 @@ class TLoRAAdapter(nn.Module):
         self._backup, self.merged = None, False
 
     def detach_from_base(self) -> None:
-        """Remove the hook and the child entry; the base layer is exactly as before injection."""
+        """Remove the hooks and the child entry; the base layer is exactly as before injection."""
         self.unmerge()
+        self.set_folding(None)
         self._hook.remove()
         if getattr(self._base, ADAPTER_ATTR, None) is self:
             delattr(self._base, ADAPTER_ATTR)
@@ -289,6 +392,10 @@ class TLoRAAdapter(nn.Module):
 
 def _add_delta(module: nn.Module, args, output):
     adapter: TLoRAAdapter = module._modules[ADAPTER_ATTR]
-    if adapter.merged or adapter.multiplier == 0.0:
+    if adapter.merged or adapter.multiplier == 0.0 or adapter.folded_for_this_call:
         return output
     return output + adapter.delta(args[0]).to(output.dtype)
+
+
+def _fold_before(module: nn.Module, args):
+    module._modules[ADAPTER_ATTR]._before_forward(args[0])

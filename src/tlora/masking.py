@@ -94,6 +94,7 @@ class AttachHandle:
             self.network.restore_mask_state(self._saved.pop())
 
     def detach(self) -> None:
+        self.network.set_folding(None)      # every base weight back, bit for bit
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -113,7 +114,7 @@ class AttachHandle:
 
 
 def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], multiplier: Optional[float] = None,
-           mask: bool = True, record: bool = False) -> AttachHandle:
+           mask: bool = True, record: bool = False, fold: Optional[str] = "auto") -> AttachHandle:
     """Mask every denoising step of a stock diffusers pipeline.
 
     ``pipe``: any pipeline with ``unet`` or ``transformer`` (or the denoiser itself). ``weights_or_network``:
@@ -121,6 +122,13 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
     A forward pre-hook reads the timestep (positional or keyword), brings it to the training scale of the
     denoiser's family, sets per-sample masks for that forward, and a forward hook clears them after it.
     ``mask=False`` attaches the adapters at full rank (for comparison only).
+
+    ``fold``: sampling's fast path. Every sample of a sampling call shares one timestep, so each layer's masked
+    ΔW is one matrix for that call; ``"auto"`` folds it into the base weight where the cost rule says that is
+    cheaper than the unmerged adapter (incrementally as the rank grows), ``"always"`` folds at every such call,
+    None never folds. Calls whose samples have different ranks run unmerged. Outside a no-grad pipeline call
+    nothing is folded; ``detach()`` restores every base weight bit for bit (the weights before folding are
+    kept while attached).
     """
     denoiser = denoiser_of(pipe)
     family = detect(denoiser)
@@ -139,6 +147,7 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
     network.family = family.name
     if mask:
         handle._hook()
+    network.set_folding(fold)
     return handle
 
 

@@ -88,6 +88,15 @@ class TLoRANetwork:
         for a in self.adapters.values():
             a.unmerge()
 
+    def set_folding(self, mode) -> None:
+        """Sampling's fast path for every adapter (:meth:`TLoRAAdapter.set_folding`): "auto", "always" or None."""
+        for a in self.adapters.values():
+            a.set_folding(mode)
+
+    def folded_ranks(self) -> Dict[str, Optional[int]]:
+        """Module path → ranks folded into its base weight now (None: not folded)."""
+        return {p: a.folded_rank for p, a in self.adapters.items()}
+
     def remove(self) -> None:
         """Detach every adapter; the model is exactly as before ``inject``."""
         for a in self.adapters.values():
