@@ -1,17 +1,19 @@
-"""T-LoRA vs its peers, side by side in one process and one run (CPU).
+"""T-LoRA vs its peers, side by side in one process and one run (CPU, or CUDA with --device cuda).
 
-    python -m benchmarks.run [--quick] [--no-full-sdxl] [--out benchmarks/results.md]
+    python -m benchmarks.run [--quick] [--no-full-sdxl] [--device cpu|cuda] [--out benchmarks/results.md]
 
 1. train step (forward + backward + AdamW) on a small SDXL-like UNet, rank 64, batch 1 and 4: base model
    (no adapter, backward to the input), peft LoRA, LyCORIS tlora, tlora vanilla and ortho (per-sample masks);
 2. sampling: a full stock StableDiffusionPipeline call, 25 steps, mid-size UNet (a few hundred MB):
-   base, peft LoRA unmerged, peft LoRA fused, tlora attached;
+   base, peft LoRA unmerged, peft LoRA fused, tlora attached unmerged (fold=None) and with the fast path
+   (fold="auto": the active ranks folded into the weights where the cost rule says so);
 3. setup: rank-64 ortho T-LoRA with base-weight SVD init injected into a full-size SDXL UNet (random weights
    from its config): tlora vs LyCORIS.
 
-Times are medians over repeats after warm-up. "Train memory" is what a step keeps alive beyond the frozen
-model: trainable parameters, their gradients and AdamW state, plus every storage autograd saves for the
-backward, counted once (saved_tensors_hooks; CPU PyTorch has no allocator statistics).
+Times are medians over repeats after warm-up (CUDA: CUDA events). "Train memory" is what a step keeps alive
+beyond the frozen model: on CPU, trainable parameters, their gradients and AdamW state, plus every storage
+autograd saves for the backward, counted once (saved_tensors_hooks; CPU PyTorch has no allocator statistics);
+on CUDA, torch.cuda.max_memory_allocated during the step minus what was allocated before it.
 """
 from __future__ import annotations
 
@@ -26,17 +28,27 @@ from pathlib import Path
 import torch
 
 R = 64
+DEVICE = torch.device("cpu")        # set by --device
+
+
+def timed(fn) -> float:
+    """Seconds of one call of ``fn``: CUDA events on CUDA (the GPU's time), the wall clock on CPU."""
+    if DEVICE.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def small_sdxl_unet():
@@ -91,14 +103,14 @@ def setup_adapter(kind: str, unet, batch: int):
 
 
 def train_step_bench(kind: str, batch: int, repeats: int):
-    unet = small_sdxl_unet()
+    unet = small_sdxl_unet().to(DEVICE)
     unet.requires_grad_(False)
     unet.train()
     params, ctx = setup_adapter(kind, unet, batch)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, 16, 16, generator=g, requires_grad=(kind == "base"))
-    c = torch.randn(batch, 16, 256, generator=g)
-    t = torch.tensor([999, 700, 300, 0][:batch]) if batch > 1 else torch.tensor([500])
+    x = torch.randn(batch, 4, 16, 16, generator=g).to(DEVICE).requires_grad_(kind == "base")
+    c = torch.randn(batch, 16, 256, generator=g).to(DEVICE)
+    t = (torch.tensor([999, 700, 300, 0][:batch]) if batch > 1 else torch.tensor([500])).to(DEVICE)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step():
@@ -114,6 +126,12 @@ def train_step_bench(kind: str, batch: int, repeats: int):
         secs = median_time(step, repeats)
     except Exception as e:  # LyCORIS fails on per-sample masks for B > 1: record it
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"}
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return {"time": secs, "mem": (torch.cuda.max_memory_allocated() - before) / 2**20}
     # activations: every storage autograd keeps for the backward, once, except the model's own weights
     weights = {t.untyped_storage().data_ptr() for t in [*unet.parameters(), *unet.buffers(), *params]}
     seen = {}
@@ -155,14 +173,14 @@ def sampling_bench(repeats: int, steps: int = 25):
     """Round-robin over the variants (one call each per round) so drift on a shared machine hits all alike."""
     import tlora
     from peft import LoraConfig
-    pipe = mid_pipeline()
+    pipe = mid_pipeline().to(DEVICE)
     unet = pipe.unet
     mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
 
     def run():
         with torch.no_grad():
             pipe(prompt="a sks dog", num_inference_steps=steps, guidance_scale=5.0, height=32, width=32,
-                 generator=torch.Generator().manual_seed(0), output_type="latent")
+                 generator=torch.Generator(DEVICE).manual_seed(0), output_type="latent")
     unet.add_adapter(LoraConfig(r=R, lora_alpha=R, init_lora_weights="gaussian", target_modules=PEFT_TARGETS),
                      adapter_name="peft")
     unet.disable_adapters()
@@ -179,13 +197,13 @@ def sampling_bench(repeats: int, steps: int = 25):
             unet.disable_adapters()
         return on, off
 
-    def use_tlora(variant: str, min_rank: int):
+    def use_tlora(variant: str, min_rank: int, fold):
         state = {}
 
         def on():
             cfg = tlora.TLoRAConfig(rank=R, min_rank=min_rank, variant=variant, target_module=("Attention",))
             state["net"] = tlora.inject(unet, cfg, generator=torch.Generator().manual_seed(0))
-            state["h"] = tlora.attach(pipe, state["net"])
+            state["h"] = tlora.attach(pipe, state["net"], fold=fold)
 
         def off():
             state["h"].detach()
@@ -195,18 +213,16 @@ def sampling_bench(repeats: int, steps: int = 25):
         "base": (lambda: None, lambda: None),
         "peft LoRA r64 unmerged": use_peft(False),
         "peft LoRA r64 fused": use_peft(True),
-        "tlora vanilla r64, min_rank 1, attached": use_tlora("vanilla", 1),
-        "tlora ortho r64, min_rank 1, attached": use_tlora("ortho", 1),
-        "tlora ortho r64, min_rank 32, attached": use_tlora("ortho", 32),
+        **{f"tlora {v} r64, min_rank {mr}, attached{' unmerged' if fold is None else ', fast path'}":
+           use_tlora(v, mr, fold) for fold in (None, "auto") for v, mr in (("vanilla", 1), ("ortho", 1), ("ortho", 32))},
     }
     times = {k: [] for k in variants}
     for rnd in range(repeats + 1):
         for k, (on, off) in variants.items():
             on()
-            t = time.perf_counter()
-            run()
+            secs = timed(run)
             if rnd:                                       # round 0 is the warm-up
-                times[k].append(time.perf_counter() - t)
+                times[k].append(secs)
             off()
     return {k: statistics.median(v) for k, v in times.items()}, mb
 
@@ -252,8 +268,48 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    gpu = f", GPU {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, {platform.system()}")
+
+
+def train_table(reps: int) -> list:
+    kinds = ["base", "peft", "peft-128", "lycoris", "tlora-vanilla", "tlora-ortho"]
+    res = {(k, b): train_step_bench(k, b, reps) for b in (1, 4) for k in kinds}
+    lines = ["## Train step (forward + backward + AdamW), small SDXL-like UNet, rank 64", "",
+             "| adapter | batch 1 s | batch 4 s | batch 4 train memory MB | time ÷ peft r64 (b4) | memory ÷ peft r64 (b4) |",
+             "|---|---|---|---|---|---|"]
+    p4 = res[("peft", 4)]
+    names = {"base": "base (no adapter)", "peft": "peft LoRA r64", "peft-128": "peft LoRA r128",
+             "lycoris": "LyCORIS tlora r64", "tlora-vanilla": "tlora vanilla r64", "tlora-ortho": "tlora ortho r64"}
+
+    def cell(r, key, fmt):
+        return fmt.format(r[key]) if key in r else f"fails: {r['error']}"
+    for k in kinds:
+        r1, r4 = res[(k, 1)], res[(k, 4)]
+        ratio_t = f"{r4['time'] / p4['time']:.2f}" if "time" in r4 else "-"
+        ratio_m = f"{r4['mem'] / p4['mem']:.2f}" if "mem" in r4 else "-"
+        lines.append(f"| {names[k]} | {cell(r1, 'time', '{:.3f}')} | {cell(r4, 'time', '{:.3f}')} | "
+                     f"{cell(r4, 'mem', '{:.0f}')} | {ratio_t} | {ratio_m} |")
+    return lines
+
+
+def sampling_table(reps: int) -> list:
+    rows, mb = sampling_bench(reps)
+    base, peft = rows["base"], rows["peft LoRA r64 unmerged"]
+    lines = [f"## Sampling: stock StableDiffusionPipeline, 25 steps, CFG, 32×32, UNet {mb:.0f} MB", "",
+             "| run | s per image | ÷ base | ÷ peft LoRA unmerged |", "|---|---|---|---|"]
+    return lines + [f"| {k} | {v:.2f} | {v / base:.2f} | {v / peft:.2f} |" for k, v in rows.items()]
+
+
+def setup_table() -> list:
+    s = setup_bench()
+    return [f"## Setup: rank-64 ortho T-LoRA, base-weight SVD init, full-size SDXL UNet ({s['modules']} layers)", "",
+            "| implementation | seconds | LyCORIS ÷ this |", "|---|---|---|",
+            f"| tlora (svd=auto: {', '.join(s['tlora_methods'])}) | {s['tlora']:.1f} | {s['lycoris'] / s['tlora']:.1f}× |",
+            f"| tlora (svd=exact, LyCORIS-identical tensors) | {s['tlora_exact']:.1f} | {s['lycoris'] / s['tlora_exact']:.1f}× |",
+            f"| LyCORIS 4.1.3 create_lycoris(algo='tlora') | {s['lycoris']:.1f} | 1.0× |",
+            "", f"(Building the UNet from its config took {s['build']:.0f} s and is not counted.)"]
 
 
 def main(argv=None) -> int:
@@ -261,51 +317,33 @@ def main(argv=None) -> int:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no full-size SDXL")
     ap.add_argument("--no-full-sdxl", action="store_true", help="skip the setup benchmark on full-size SDXL")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the same tables on a GPU)")
+    ap.add_argument("--only", choices=["train", "sampling", "setup"], help="run one table")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
     a = ap.parse_args(argv)
+    global DEVICE
+    from tlora.devices import check_device
+    from tlora.errors import UsageError
+    try:
+        DEVICE = torch.device(check_device(a.device))
+    except UsageError as e:
+        ap.error(str(e))
     reps = 3 if a.quick else 10
     import warnings
     warnings.filterwarnings("ignore")
-    lines = ["# Benchmarks", "", f"Machine: {machine()}.", f"Command: `python -m benchmarks.run{' --quick' if a.quick else ''}`"
-             f" ({time.strftime('%Y-%m-%d')}).", ""]
-    # 1. train step
-    kinds = ["base", "peft", "peft-128", "lycoris", "tlora-vanilla", "tlora-ortho"]
-    res = {(k, b): train_step_bench(k, b, reps) for b in (1, 4) for k in kinds}
-    lines += ["## Train step (forward + backward + AdamW), small SDXL-like UNet, rank 64", "",
-              "| adapter | batch 1 s | batch 4 s | batch 4 train memory MB | time ÷ peft r64 (b4) | memory ÷ peft r64 (b4) |",
-              "|---|---|---|---|---|---|"]
-    p4 = res[("peft", 4)]
-    for k in kinds:
-        r1, r4 = res[(k, 1)], res[(k, 4)]
-        def cell(r, key, fmt):
-            return fmt.format(r[key]) if key in r else f"fails: {r['error']}"
-        ratio_t = f"{r4['time'] / p4['time']:.2f}" if "time" in r4 else "-"
-        ratio_m = f"{r4['mem'] / p4['mem']:.2f}" if "mem" in r4 else "-"
-        name = {"base": "base (no adapter)", "peft": "peft LoRA r64", "peft-128": "peft LoRA r128",
-                "lycoris": "LyCORIS tlora r64", "tlora-vanilla": "tlora vanilla r64",
-                "tlora-ortho": "tlora ortho r64"}[k]
-        lines.append(f"| {name} | {cell(r1, 'time', '{:.3f}')} | {cell(r4, 'time', '{:.3f}')} | "
-                     f"{cell(r4, 'mem', '{:.0f}')} | {ratio_t} | {ratio_m} |")
-    print("\n".join(lines), flush=True)
-    # 2. sampling
-    rows, mb = sampling_bench(2 if a.quick else 5)
-    base_peft = rows["peft LoRA r64 unmerged"]
-    lines += ["", f"## Sampling: stock StableDiffusionPipeline, 25 steps, CFG, 32×32, UNet {mb:.0f} MB", "",
-              "| run | s per image | ÷ peft LoRA unmerged |", "|---|---|---|"]
-    for k, v in rows.items():
-        lines.append(f"| {k} | {v:.2f} | {v / base_peft:.2f} |")
-    print("\n".join(lines[-len(rows) - 4:]), flush=True)
-    # 3. setup
-    if not (a.quick or a.no_full_sdxl):
-        s = setup_bench()
-        lines += ["", f"## Setup: rank-64 ortho T-LoRA, base-weight SVD init, full-size SDXL UNet ({s['modules']} layers)", "",
-                  "| implementation | seconds | LyCORIS ÷ this |", "|---|---|---|",
-                  f"| tlora (svd=auto: {', '.join(s['tlora_methods'])}) | {s['tlora']:.1f} | {s['lycoris'] / s['tlora']:.1f}× |",
-                  f"| tlora (svd=exact, LyCORIS-identical tensors) | {s['tlora_exact']:.1f} | {s['lycoris'] / s['tlora_exact']:.1f}× |",
-                  f"| LyCORIS 4.1.3 create_lycoris(algo='tlora') | {s['lycoris']:.1f} | 1.0× |",
-                  "", f"(Building the UNet from its config took {s['build']:.0f} s and is not counted.)"]
-        print("\n".join(lines[-8:]), flush=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    flags = "".join(f" {f}" for f, on in (("--quick", a.quick), (f"--device {a.device}", a.device != "cpu"),
+                                           (f"--only {a.only}", a.only)) if on)
+    lines = ["# Benchmarks", "", f"Machine: {machine()}.", f"Command: `python -m benchmarks.run{flags}` "
+             f"({time.strftime('%Y-%m-%d')}).", ""]
+    tables = {"train": lambda: train_table(reps), "sampling": lambda: sampling_table(2 if a.quick else 5),
+              "setup": setup_table}
+    for name, make in tables.items():
+        if (a.only or name) != name or (name == "setup" and not a.only and (a.quick or a.no_full_sdxl)):
+            continue
+        table = make()
+        print("\n".join(table), flush=True)
+        lines += table + [""]
+    Path(a.out).write_text("\n".join(lines))
     print(f"wrote {a.out}")
     return 0
 

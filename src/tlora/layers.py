@@ -305,14 +305,14 @@ class TLoRAAdapter(nn.Module):
         return None if self._folded is None else self._folded[0]
 
     def fold_is_cheaper(self, tokens: int, r: int) -> bool:
-        """The cost rule, in multiply-adds: folding ranks up to r from what is folded now (out·in·Δr per path,
-        in float32 incrementally; out·in·r from the saved weight in lower precision) against the unmerged
-        adapter on ``tokens`` rows (tokens·r·(in+out) per path)."""
+        """The cost rule, in multiply-adds per path: folding ranks up to r from what is folded now, out·in·Δr
+        (in float32 incrementally; Δr = r from the saved weight in lower precision) plus one pass over the weight
+        (out·in), against the unmerged adapter on ``tokens`` rows, tokens·r·(in+out)."""
         w = self._base.weight
         out_f, in_flat = w.shape[0], w[0].numel()
         have = 0 if self._folded is None else self._folded[0]
         changed = abs(r - have) if w.dtype == torch.float32 and self._folded is not None else r
-        return out_f * in_flat * changed <= tokens * r * (in_flat + out_f)
+        return out_f * in_flat * (changed + 1) <= tokens * r * (in_flat + out_f)
 
     def _call_rank(self) -> Optional[int]:
         """The rank every sample of this forward uses, or None when they differ."""
