@@ -169,8 +169,9 @@ def mid_pipeline():
     return pipe
 
 
-def sampling_bench(repeats: int, steps: int = 25):
-    """Round-robin over the variants (one call each per round) so drift on a shared machine hits all alike."""
+def sampling_bench(repeats: int, steps: int = 25, size: int = 32, only=None):
+    """Round-robin over the variants (one call each per round) so drift on a shared machine hits all alike.
+    ``size``: image height and width in pixels (latents size/8); ``only``: the variant names to run."""
     import tlora
     from peft import LoraConfig
     pipe = mid_pipeline().to(DEVICE)
@@ -179,7 +180,7 @@ def sampling_bench(repeats: int, steps: int = 25):
 
     def run():
         with torch.no_grad():
-            pipe(prompt="a sks dog", num_inference_steps=steps, guidance_scale=5.0, height=32, width=32,
+            pipe(prompt="a sks dog", num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
                  generator=torch.Generator(DEVICE).manual_seed(0), output_type="latent")
     unet.add_adapter(LoraConfig(r=R, lora_alpha=R, init_lora_weights="gaussian", target_modules=PEFT_TARGETS),
                      adapter_name="peft")
@@ -216,6 +217,7 @@ def sampling_bench(repeats: int, steps: int = 25):
         **{f"tlora {v} r64, min_rank {mr}, attached{' unmerged' if fold is None else ', fast path'}":
            use_tlora(v, mr, fold) for fold in (None, "auto") for v, mr in (("vanilla", 1), ("ortho", 1), ("ortho", 32))},
     }
+    variants = {k: v for k, v in variants.items() if only is None or k in only}
     times = {k: [] for k in variants}
     for rnd in range(repeats + 1):
         for k, (on, off) in variants.items():
@@ -294,12 +296,52 @@ def train_table(reps: int) -> list:
     return lines
 
 
-def sampling_table(reps: int) -> list:
-    rows, mb = sampling_bench(reps)
+def sampling_table(reps: int, steps: int = 25, size: int = 32, only=None) -> list:
+    rows, mb = sampling_bench(reps, steps, size, only)
     base, peft = rows["base"], rows["peft LoRA r64 unmerged"]
-    lines = [f"## Sampling: stock StableDiffusionPipeline, 25 steps, CFG, 32×32, UNet {mb:.0f} MB", "",
+    lines = [f"## Sampling: stock StableDiffusionPipeline, {steps} steps, CFG, {size}×{size} px "
+             f"({size // 8}×{size // 8} latents), UNet {mb:.0f} MB", "",
              "| run | s per image | ÷ base | ÷ peft LoRA unmerged |", "|---|---|---|---|"]
     return lines + [f"| {k} | {v:.2f} | {v / base:.2f} | {v / peft:.2f} |" for k, v in rows.items()]
+
+
+def layer_bench(tokens: int, variant, fold, reps: int, width: int = 1280, steps: int = 25) -> float:
+    """One SDXL-width attention projection (Linear width → width) over a 25-step sampling schedule, CFG batch 2:
+    seconds for the 25 calls, the mask set per step as attach sets it."""
+    import tlora
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(width, width).to(DEVICE)
+    x = torch.randn(2, tokens // 2, width, device=DEVICE)
+    ts = torch.linspace(999, 0, steps).tolist()
+    a = None
+    if variant is not None:
+        a = tlora.TLoRAAdapter(lin, rank=R, variant=variant, min_rank=1, generator=torch.Generator().manual_seed(0))
+        a.set_folding(fold)
+
+    def run():
+        with torch.no_grad():
+            for t in ts:
+                if a is not None:
+                    r = a.schedule.ranks([t])[0]
+                    mask = torch.zeros(1, R, device=DEVICE)
+                    mask[0, :r] = 1
+                    a.set_mask(mask, shared_rank=r)
+                lin(x)
+        if a is not None:
+            a.unfold()
+    return median_time(run, reps, warmup=1)
+
+
+def layer_table(reps: int) -> list:
+    """Where folding pays: the sampling cost of one layer at the token counts of real images."""
+    lines = ["## Sampling, one layer: Linear 1280 → 1280 (an SDXL attention projection), rank 64, 25 steps, CFG", "",
+             "| tokens per call | base s | vanilla unmerged | vanilla fast path | ortho unmerged | ortho fast path |",
+             "|---|---|---|---|---|---|"]
+    for tokens in (32, 512, 2048, 8192):     # 32×32 px with CFG … SDXL 1024² level 2 (64×64) with CFG
+        base = layer_bench(tokens, None, None, reps)
+        cells = [f"{layer_bench(tokens, v, f, reps) / base:.2f}×" for v in ("vanilla", "ortho") for f in (None, "auto")]
+        lines.append(f"| {tokens} | {base:.3f} | " + " | ".join(cells) + " |")
+    return lines + ["", "(Ratios ÷ base. 8192 tokens = SDXL at 1024×1024, 64×64 attention level, with CFG.)"]
 
 
 def setup_table() -> list:
@@ -318,7 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no full-size SDXL")
     ap.add_argument("--no-full-sdxl", action="store_true", help="skip the setup benchmark on full-size SDXL")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the same tables on a GPU)")
-    ap.add_argument("--only", choices=["train", "sampling", "setup"], help="run one table")
+    ap.add_argument("--only", choices=["train", "sampling", "layer", "setup"], help="run one table")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
     a = ap.parse_args(argv)
     global DEVICE
@@ -329,6 +371,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         ap.error(str(e))
     reps = 3 if a.quick else 10
+    from tlora.processors import use_pil_image_processors
+    use_pil_image_processors()
     import warnings
     warnings.filterwarnings("ignore")
     flags = "".join(f" {f}" for f, on in (("--quick", a.quick), (f"--device {a.device}", a.device != "cpu"),
@@ -336,6 +380,7 @@ def main(argv=None) -> int:
     lines = ["# Benchmarks", "", f"Machine: {machine()}.", f"Command: `python -m benchmarks.run{flags}` "
              f"({time.strftime('%Y-%m-%d')}).", ""]
     tables = {"train": lambda: train_table(reps), "sampling": lambda: sampling_table(2 if a.quick else 5),
+              "layer": lambda: layer_table(reps),
               "setup": setup_table}
     for name, make in tables.items():
         if (a.only or name) != name or (name == "setup" and not a.only and (a.quick or a.no_full_sdxl)):

@@ -51,8 +51,9 @@ class Variant:
         """(down (k, in, …), up (out, k, …)) with up ∘ down = the first r ranks' delta, unscaled."""
         raise NotImplementedError
 
-    def delta_slice(self, t: dict, lo: int, hi: int, out_f: int) -> torch.Tensor:
-        """ΔW (out, in_flat) in float32 of ranks lo..hi-1 only, unscaled (what folding adds as the rank grows)."""
+    def slice_factors(self, t: dict, lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(down (k, in_flat), up (out, k)) float32 with up @ down = ΔW of ranks lo..hi-1 only, unscaled: what
+        folding adds (one in-place ``addmm_`` into the weight) as the rank grows."""
         raise NotImplementedError
 
     paths_per_rank = 1      # matmul paths per rank: what one rank costs unmerged, and to fold
@@ -80,8 +81,9 @@ class Vanilla(Variant):
     def factors(self, t, r):
         return t["lora_down"][:r], t["lora_up"][:, :r]
 
-    def delta_slice(self, t, lo, hi, out_f):
-        return Fn.lora_delta(t["lora_down"][lo:hi].reshape(hi - lo, -1), t["lora_up"][:, lo:hi].reshape(out_f, -1))
+    def slice_factors(self, t, lo, hi):
+        up = t["lora_up"][:, lo:hi]
+        return t["lora_down"][lo:hi].reshape(hi - lo, -1).float(), up.reshape(up.shape[0], hi - lo).float()
 
 
 class Ortho(Variant):
@@ -122,10 +124,10 @@ class Ortho(Variant):
 
     paths_per_rank = 2      # trained and frozen
 
-    def delta_slice(self, t, lo, hi, out_f):
-        k = hi - lo
-        return Fn.ortho_delta(t["q"][lo:hi].reshape(k, -1), t["p"][:, lo:hi].reshape(out_f, k), t["lam"][lo:hi],
-                              t["q0"][lo:hi].reshape(k, -1), t["p0"][:, lo:hi].reshape(out_f, k), t["lam0"][lo:hi])
+    def slice_factors(self, t, lo, hi):     # the rank-2k form [λQ; λ0Q0], [P, −P0] of ranks lo..hi-1
+        k, out_f = hi - lo, t["p"].shape[0]
+        return Fn.ortho_as_lora(t["q"][lo:hi].reshape(k, -1), t["p"][:, lo:hi].reshape(out_f, k), t["lam"][lo:hi],
+                                t["q0"][lo:hi].reshape(k, -1), t["p0"][:, lo:hi].reshape(out_f, k), t["lam0"][lo:hi])
 
     def orthogonality_loss(self, t, rank):
         return Fn.orthogonality_loss(t["q"].reshape(rank, -1), t["p"].reshape(t["p"].shape[0], -1))
@@ -336,18 +338,18 @@ class TLoRAAdapter(nn.Module):
 
     def _fold_to(self, r: int, factor: float) -> None:
         w = self._base.weight
-        t, out_f = self._tensors(), w.shape[0]
         if self._fold_backup is None:
             self._fold_backup = w.detach().clone()
         have = self._folded[0] if self._folded is not None and self._folded[1] == factor else None
         if w.dtype == torch.float32 and have is not None:        # incremental: only the ranks that switch
             lo, hi = sorted((have, r))
             if hi > lo:
-                d = (self.form.delta_slice(t, lo, hi, out_f) * factor).reshape(w.shape)
-                w.add_(d if r > have else -d)
+                down, up = self.form.slice_factors(self._tensors(), lo, hi)
+                w.view(w.shape[0], -1).addmm_(up, down, alpha=factor if r > have else -factor)
         else:                                                    # from the saved weight: one rounding only
-            d = self.form.delta_slice(t, 0, r, out_f) * factor if r else torch.zeros(out_f, w[0].numel())
-            w.copy_((self._fold_backup.float() + d.reshape(w.shape).to(w.device)).to(w.dtype))
+            acc = self._fold_backup.to(torch.float32, copy=True).reshape(w.shape[0], -1)   # never the backup itself
+            down, up = self.form.slice_factors(self._tensors(), 0, r)
+            w.copy_(acc.addmm_(up, down, alpha=factor).reshape(w.shape))
         self._folded = (r, factor)
 
     @torch.no_grad()
