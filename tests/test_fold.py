@@ -95,14 +95,15 @@ def test_detach_leaves_every_weight_bit_identical(dtype):
 
 
 def test_the_per_layer_choice_follows_the_cost_rule():
-    """Linear 48 → 64, rank 8: folding costs out·in·(Δr + 1) = 3072·(Δr + 1), the unmerged adapter
-    tokens·r·(in+out) = tokens·r·112. One token: unmerged wins; 4096 tokens: folding wins; after folding 6
-    ranks, 2 more cost 3072·3, not 3072·9 from scratch."""
+    """Linear 48 → 64, rank 8: folding costs out·in·(Δr + 8) = 3072·(Δr + 8) (8: the pass over the weight), the
+    unmerged adapter tokens·r·(in+out) = tokens·r·112. One token: unmerged wins; 4096 tokens: folding wins;
+    after folding 6 ranks, 2 more cost 3072·10, not 3072·16 from scratch."""
     base = nn.Linear(48, 64)
     a = tlora.TLoRAAdapter(base, rank=8, variant="vanilla", min_rank=1)
     perturb(a)
-    assert not a.fold_is_cheaper(tokens=1, r=8)            # 27648 > 1·8·112
-    assert a.fold_is_cheaper(tokens=4096, r=8)             # 27648 <= 4096·8·112
+    assert not a.fold_is_cheaper(tokens=1, r=8)            # 49152 > 1·8·112
+    assert a.fold_is_cheaper(tokens=4096, r=8)             # 49152 <= 4096·8·112
+    assert not a.fold_is_cheaper(tokens=54, r=8) and a.fold_is_cheaper(tokens=55, r=8)   # from scratch: 49152
     a.set_folding("auto")
     mask = torch.zeros(1, 8)
     mask[0, :6] = 1
@@ -113,8 +114,8 @@ def test_the_per_layer_choice_follows_the_cost_rule():
         many_x = torch.randn(4096, 48)
         many = base(many_x)
         assert a.folded_rank == 6                          # 4096 tokens: the weight carries ranks 0..5
-        # from 6 folded ranks to 8: 3072·3 = 9216 in fp32 (incremental), not 3072·9 = 27648 from scratch
-        assert not a.fold_is_cheaper(tokens=10, r=8) and a.fold_is_cheaper(tokens=11, r=8)   # 8960 < 9216 <= 9856
+        # from 6 folded ranks to 8: 3072·10 = 30720 in fp32 (incremental), not 49152 from scratch
+        assert not a.fold_is_cheaper(tokens=34, r=8) and a.fold_is_cheaper(tokens=35, r=8)   # 30464 < 30720 <= 31360
     a.set_folding(None)
     assert a.folded_rank is None
     with torch.no_grad():

@@ -27,6 +27,7 @@ from .schedule import RankSchedule
 
 INITS = ("random", "weight")
 ADAPTER_ATTR = "tlora_adapter"
+FOLD_PASS_RANKS = 8    # one pass over a weight (read + write) costs about as much as folding 8 ranks into it
 
 
 class Variant:
@@ -308,13 +309,15 @@ class TLoRAAdapter(nn.Module):
 
     def fold_is_cheaper(self, tokens: int, r: int) -> bool:
         """The cost rule, in multiply-adds per path: folding ranks up to r from what is folded now, out·in·Δr
-        (in float32 incrementally; Δr = r from the saved weight in lower precision) plus one pass over the weight
-        (out·in), against the unmerged adapter on ``tokens`` rows, tokens·r·(in+out)."""
+        (in float32 incrementally; Δr = r from the saved weight in lower precision), plus the read-modify-write
+        pass over the weight that any fold makes, counted as FOLD_PASS_RANKS ranks (memory-bound: on small calls
+        it, not the arithmetic, is what folding costs), against the unmerged adapter on ``tokens`` rows,
+        tokens·r·(in+out)."""
         w = self._base.weight
         out_f, in_flat = w.shape[0], w[0].numel()
         have = 0 if self._folded is None else self._folded[0]
         changed = abs(r - have) if w.dtype == torch.float32 and self._folded is not None else r
-        return out_f * in_flat * (changed + 1) <= tokens * r * (in_flat + out_f)
+        return out_f * in_flat * (changed + FOLD_PASS_RANKS) <= tokens * r * (in_flat + out_f)
 
     def _call_rank(self) -> Optional[int]:
         """The rank every sample of this forward uses, or None when they differ."""
