@@ -283,11 +283,18 @@ def test_two_process_cpu_run_writes_one_file_equal_across_ranks(models, data, tm
     cfg = {"model": models["sd15"], "data_dir": data, "output_dir": str(tmp_path / "out"), "resolution": 32,
            "max_steps": 3, "validation_steps": 0, "validation_inference_steps": 2, "tlora": {"rank": 4}}
     (tmp_path / "c.json").write_text(json.dumps(cfg))
+    import os
+    import signal
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tlora", "train",
-                        "--config", str(tmp_path / "c.json"), "--device", "cpu"], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    p = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tlora", "train",
+                          "--config", str(tmp_path / "c.json"), "--device", "cpu"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:      # kill torchrun and its workers: none may outlive the test
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+    assert p.returncode == 0, err[-2000:]
     ranks = json.loads((tmp_path / "out" / "logs" / "ranks.json").read_text())
     assert ranks["processes"] == 2 and ranks["backend"] == "gloo"
     assert len(ranks["digests"]) == 2 and ranks["digests"][0] == ranks["digests"][1]
