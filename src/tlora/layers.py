@@ -324,9 +324,12 @@ class TLoRAAdapter(nn.Module):
         return self.rank if self._mask is None else self._shared_rank
 
     @torch.no_grad()
-    def _before_forward(self, x: torch.Tensor) -> None:
+    def before_forward(self, x: torch.Tensor) -> None:
+        """The fold pre-hook: fold (or unfold) for this call, by its rank and shapes. Weights that are not there
+        (``meta``: accelerate's sequential CPU offload loads them inside the forward) are never folded."""
         r = self._call_rank()
-        if r is None or self.merged or self.multiplier == 0.0 or torch.is_grad_enabled():
+        if r is None or self.merged or self.multiplier == 0.0 or torch.is_grad_enabled() or \
+                self._base.weight.device.type == "meta":
             self.unfold()
             self._use_fold = False
             return
@@ -403,4 +406,4 @@ def _add_delta(module: nn.Module, args, output):
 
 
 def _fold_before(module: nn.Module, args):
-    module._modules[ADAPTER_ATTR]._before_forward(args[0])
+    module._modules[ADAPTER_ATTR].before_forward(args[0])
