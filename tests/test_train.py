@@ -377,3 +377,26 @@ def test_lr_scheduler_names_are_diffusers_own():
     from diffusers.optimization import SchedulerType
     from tlora.trainconfig import LR_SCHEDULERS
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_a_second_concurrent_run_into_the_same_folder_is_refused_in_one_line(models, data, tmp_path):
+    """While a run trains (here, at its first step), `tlora train` with the same output_dir in another process
+    exits 2 with one line naming the running process, and the running run finishes untouched."""
+    import os
+    import subprocess
+    import sys
+    cfg = {"model": models["sd15"], "data_dir": data, "output_dir": str(tmp_path / "out"), "resolution": 32,
+           "max_steps": 2, "num_validation_images": 0, "device": "cpu", "tlora": {"rank": 4}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    second = {}
+
+    def start_another(step, loss):
+        if step == 1:
+            second["r"] = subprocess.run([sys.executable, "-m", "tlora", "train", "--config", str(tmp_path / "c.json")],
+                                         capture_output=True, text=True, timeout=300)
+    final = train(load_config(str(tmp_path / "c.json"), []), on_step=start_another)
+    r = second["r"]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert f"in use by another tlora run (pid {os.getpid()})" in lines[0]
+    assert final.is_file() and not (tmp_path / "out" / ".tlora.lock").exists()
