@@ -131,8 +131,9 @@ def crafted(header_change):
 
 
 def nan_weights(path, world):
-    """A NaN in one tensor, with a checksum that matches (as a training run that went NaN would write it)."""
-    tensors, meta = tlora.weights.read(world / "w.safetensors")
+    """A NaN in one tensor of ``path`` (or, for a new file, of the good weights), with a checksum that matches (as
+    a training run that went NaN would write it)."""
+    tensors, meta = tlora.weights.read(path if Path(path).exists() else world / "w.safetensors")
     k = next(iter(tensors))
     tensors[k] = tensors[k].clone()
     tensors[k].view(-1)[0] = float("nan")

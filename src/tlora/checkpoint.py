@@ -77,7 +77,7 @@ def scan(output_dir: Path) -> List[Found]:
     for p in list_checkpoints(output_dir):
         ident, problem = None, None
         try:
-            h = weights.parse_header(weights.read(p / "tlora.safetensors", verify=False)[1], p)
+            h = weights.parse_header(weights.read_metadata(p / "tlora.safetensors"), p)
             ident = identity(h["training"]["config"], h.get("family"))
         except (ValueError, KeyError, TypeError) as e:
             problem = first_line(e) if isinstance(e, ValueError) else f"{p.name} has no training config"

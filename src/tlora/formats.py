@@ -158,15 +158,30 @@ def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]
 
 
 # -- official repository ---------------------------------------------------------------------------------------
+HPARAM_TYPES = {"pretrained_model_name_or_path": str, "output_dir": str, "trainer_class": str,
+                "trainer_type": str, "placeholder_token": str, "class_name": str, "lora_rank": int, "min_rank": int,
+                "alpha_rank_scale": float, "sig_type": str}
+
+
+def check_hparams(hp: dict, need=()) -> None:
+    """An official ``hparams.yml``'s values of the types tlora reads (a float may be given as an int; no
+    booleans for numbers), and the keys ``need`` present; ValueError naming the key otherwise."""
+    for key, kind in HPARAM_TYPES.items():
+        v = hp.get(key)
+        if v is None:
+            if key in need:
+                raise ValueError(f"has no {key}: is it a T-LoRA run's logs/hparams.yml?")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
+            raise ValueError(f"hparams {key} must be {'a number' if kind is float else kind.__name__}, got {v!r}")
+
+
 def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Optional[float] = None,
                   hparams: Optional[dict] = None) -> Tuple[Tensors, dict]:
     """Native state of an official SDXL checkpoint (``save_attn_procs`` keys), scale 1. Rank, min_rank and
     exponent come from ``hparams`` (its ``logs/hparams.yml``: lora_rank, min_rank, alpha_rank_scale) or options."""
     hp = hparams or {}
-    for key, kind in (("lora_rank", int), ("min_rank", int), ("alpha_rank_scale", float), ("sig_type", str)):
-        v = hp.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind)):
-            raise ValueError(f"hparams {key} must be {'a number' if kind is float else kind.__name__}, got {v!r}")
+    check_hparams(hp)
     min_rank = _need(min_rank if min_rank is not None else hp.get("min_rank"), "min_rank", "official")
     exponent = float(_need(exponent if exponent is not None else hp.get("alpha_rank_scale"), "exponent", "official"))
     out: Tensors = {}

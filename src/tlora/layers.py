@@ -57,8 +57,6 @@ class Variant:
         folding adds (one in-place ``addmm_`` into the weight) as the rank grows."""
         raise NotImplementedError
 
-    paths_per_rank = 1      # matmul paths per rank: what one rank costs unmerged, and to fold
-
     def orthogonality_loss(self, t: dict, rank: int) -> Optional[torch.Tensor]:
         return None
 
@@ -122,8 +120,6 @@ class Ortho(Variant):
         d2, u2 = Fn.ortho_as_lora(q.reshape(r, -1), p.reshape(p.shape[0], r), t["lam"][:r],
                                   t["q0"][:r].reshape(r, -1), t["p0"][:, :r].reshape(p.shape[0], r), t["lam0"][:r])
         return d2.reshape(2 * r, *q.shape[1:]), u2.reshape(p.shape[0], 2 * r, *p.shape[2:])
-
-    paths_per_rank = 2      # trained and frozen
 
     def slice_factors(self, t, lo, hi):     # the rank-2k form [λQ; λ0Q0], [P, −P0] of ranks lo..hi-1
         k, out_f = hi - lo, t["p"].shape[0]

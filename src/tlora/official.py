@@ -32,7 +32,7 @@ import yaml
 from .devices import check_device
 from .errors import UsageError
 from .fileio import atomic_write, check_output, read_mapping, save_png
-from .formats import read_state, to_official
+from .formats import check_hparams, read_state, to_official
 from .weights import WeightsFileError, atomic_save_file, network_from_state
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -64,15 +64,11 @@ def get_seed(prompt: str, batch: int, seed: int) -> int:
 def read_hparams(path: str) -> dict:
     """The run's ``hparams.yml``, its values of the types the official inference relies on."""
     hp = read_mapping(path, "--config_path", UsageError, kind="yaml")
-    need = {"pretrained_model_name_or_path": str, "output_dir": str, "trainer_class": str, "placeholder_token": str,
-            "class_name": str, "lora_rank": int}
-    optional = {"min_rank": int, "alpha_rank_scale": (int, float), "trainer_type": str, "sig_type": str}
-    for key, kind in {**need, **optional}.items():
-        v = hp.get(key)
-        if v is None and key in need:
-            raise UsageError(f"--config_path {path} has no {key}: is it a T-LoRA run's logs/hparams.yml?")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
-            raise UsageError(f"--config_path {path}: {key} must be {getattr(kind, '__name__', 'a number')}, got {v!r}")
+    try:
+        check_hparams(hp, need=("pretrained_model_name_or_path", "output_dir", "trainer_class", "placeholder_token",
+                                "class_name", "lora_rank"))
+    except ValueError as e:
+        raise UsageError(f"--config_path {path}: {e}") from None
     if hp["trainer_class"] not in TRAINER_CLASSES:
         raise UsageError(f"--config_path {path}: trainer_class {hp['trainer_class']!r} is not one of {TRAINER_CLASSES}")
     return hp

@@ -184,6 +184,18 @@ def read(path: os.PathLike, verify: bool = True) -> Tuple[Dict[str, torch.Tensor
     return tensors, meta
 
 
+def read_metadata(path: os.PathLike) -> Dict[str, str]:
+    """The raw metadata of a safetensors file, no tensors read and nothing verified (what a file says it is)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise WeightsFileError(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+
+
 def read_header(path: os.PathLike) -> dict:
     """The ``tlora`` JSON header of a native file."""
     _, meta = read(path)
