@@ -36,12 +36,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import OneLineParser
 from ..generate import load_pipeline
-from .world import CLASS_WORD, NEW_SHAPES, SHAPES, measure, render, sample_scene, vocabulary
+from .textured import TexturedWorld
+from .world import CLASS_WORD, SHAPES, FlatWorld
+
+WORLDS = {w.name: w for w in (FlatWorld, TexturedWorld)}
 
 
-def build_tokenizer():
+def build_tokenizer(world=FlatWorld):
     """A CLIPTokenizer whose BPE merges (trained with the tokenizers library) make every world word one token."""
-    words = sorted({w.strip(",") for w in vocabulary()}) + [","]
+    words = sorted({w.strip(",") for w in world.vocabulary()}) + [","]
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
@@ -80,14 +83,14 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print, steps: int = None) -> int:
+def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print, steps: int = None, world=FlatWorld) -> int:
     """Train for ``steps`` steps, or, when None, for ``seconds``; returns the number of steps taken."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
     t0, step = time.time(), 0
     while (step < steps) if steps is not None else (time.time() - t0 < seconds):
-        x = to_tensor([render(sample_scene(rng, shapes=SHAPES + NEW_SHAPES)) for _ in range(batch)])
+        x = to_tensor([world.render(world.sample_scene(rng, shapes=SHAPES + world.new_shapes)) for _ in range(batch)])
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
         loss = F.mse_loss(rec, x) + 1e-6 * dist.kl().mean()
@@ -101,17 +104,17 @@ def train_vae(vae, seconds: float, batch: int = 32, seed: int = 0, log=print, st
     return step
 
 
-def dataset(n: int, seed: int):
+def dataset(n: int, seed: int, world=FlatWorld):
     """n pretraining scenes (new-concept shapes excluded) with their captions."""
     rng = random.Random(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
+    scenes = [world.sample_scene(rng) for _ in range(n)]
     caps = [s.caption(CLASS_WORD if rng.random() < 0.1 else None) for s in scenes]
     return scenes, caps
 
 
 def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, seed: int = 0, n_images: int = 16000,
                    log=print, steps: int = None, high_noise: float = 0.8, noisy_from: int = 800,
-                   eval_every: int = 0) -> int:
+                   eval_every: int = 0, world=FlatWorld) -> int:
     """Train for ``steps`` steps (cosine decay over them), or, when None, for ``seconds`` (cosine decay over
     the number of steps estimated from the first 20).
 
@@ -121,15 +124,16 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
     position near chance in 3 of 4; 0.5 from 500 and 0.8 from 500 learnt it in 1 of 3 and 1 of 2; 0.8 from
     800 (the default, the shipped model's recipe, 2 threads) learnt it on all 3 seeds run (100, 96, 100 %).
     ``eval_every``: log the caption-following figure (40 captions) every that many steps (0 = never)."""
-    scenes, caps = dataset(n_images, seed)
+    scenes, caps = dataset(n_images, seed, world)
     with torch.no_grad():
-        lat = torch.cat([vae.encode(to_tensor([render(s) for s in scenes[i:i + 512]])).latent_dist.mean
+        lat = torch.cat([vae.encode(to_tensor([world.render(s) for s in scenes[i:i + 512]])).latent_dist.mean
                          for i in range(0, n_images, 512)])
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
     lat = lat * scaling
-    ids = tokenizer(caps, padding="max_length", max_length=24, truncation=True, return_tensors="pt")["input_ids"]
-    empty = tokenizer([""], padding="max_length", max_length=24, return_tensors="pt")["input_ids"][0]
+    n_tok = world.max_length
+    ids = tokenizer(caps, padding="max_length", max_length=n_tok, truncation=True, return_tensors="pt")["input_ids"]
+    empty = tokenizer([""], padding="max_length", max_length=n_tok, return_tensors="pt")["input_ids"][0]
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, prediction_type="v_prediction", clip_sample=False)
     params = list(unet.parameters()) + list(text.parameters())
@@ -172,7 +176,7 @@ def train_denoiser(vae, text, unet, tokenizer, seconds: float, batch: int = 64, 
         if eval_every and step % eval_every == 0:
             unet.eval()
             text.eval()
-            log(f"denoiser step {step} caption following {json.dumps(caption_following(assemble(vae, text, unet, tokenizer), 40))}")
+            log(f"denoiser step {step} caption following {json.dumps(caption_following(assemble(vae, text, unet, tokenizer), 40, world=world))}")
             unet.train()
             text.train()
     unet.eval()
@@ -192,22 +196,32 @@ def assemble(vae, text, unet, tokenizer):
 
 @torch.no_grad()
 def caption_following(pipe, n: int = 100, seed: int = 1234, steps: int = 25, guidance: float = 3.0,
-                      shapes=SHAPES, batch: int = 25) -> dict:
-    """Share of images whose background colour / position / size / object colour (read from the pixels)
-    match the caption, over n random captions of the given shapes."""
+                      shapes=SHAPES, batch: int = 25, world=FlatWorld) -> dict:
+    """Share of images showing each fact of their caption, read from the pixels (``world.followed``: for the
+    flat world background colour / position / size / object colour; ``prompt`` = every fact a test prompt
+    changes), over n random captions of the given shapes."""
     rng = random.Random(seed)
-    scenes = [sample_scene(rng, shapes=shapes) for _ in range(n)]
-    hits = {"background": 0, "position": 0, "size": 0, "colour": 0, "background_and_position": 0}
+    scenes = [world.sample_scene(rng, shapes=shapes) for _ in range(n)]
+    hits = {}
     for i in range(0, n, batch):
         chunk = scenes[i:i + batch]
         images = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
                       generator=torch.Generator().manual_seed(seed + i)).images
         for s, im in zip(chunk, images):
-            m = measure(im)
-            for k in ("background", "position", "size", "colour"):
-                hits[k] += int(getattr(m, k) == getattr(s, k))
-            hits["background_and_position"] += int(m.background == s.background and m.position == s.position)
+            for k, hit in world.followed(s, world.measure(im)).items():
+                hits[k] = hits.get(k, 0) + int(hit)
     return {k: v / n for k, v in hits.items()}
+
+
+def world_of(model) -> type:
+    """The world a toy-world model was pretrained on (its toyworld.json; models from before worlds: flat)."""
+    try:
+        name = json.loads((Path(model) / "toyworld.json").read_text()).get("world", "flat")
+    except (OSError, ValueError):
+        return FlatWorld
+    if name not in WORLDS:
+        raise ValueError(f"{model}: toyworld.json names an unknown world {name!r} (known: {sorted(WORLDS)})")
+    return WORLDS[name]
 
 
 def _parser() -> OneLineParser:
@@ -237,6 +251,8 @@ def _parser() -> OneLineParser:
     ap.add_argument("--eval-every", type=int, default=0,
                     help="log caption following on 40 captions every N denoiser steps (default 0: never)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--world", choices=sorted(WORLDS), default="flat",
+                    help="flat: one object on a plain background (the shipped model); textured: patterned backgrounds and a second object (default flat)")
     return ap
 
 
@@ -258,6 +274,7 @@ def _checked_args(ap: OneLineParser, argv):
             a.high_noise = shipped.get("high_noise", 0.0)
             a.noisy_from = shipped.get("noisy_from", 500)
             a.threads = a.threads or shipped.get("threads")    # float sums depend on the thread count
+            a.world = shipped.get("world", "flat")
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--reproduce {a.reproduce}: no readable toyworld.json with seed/vae_steps/denoiser_steps ({e})")
     for bad, rule in [(not 0.0 <= a.high_noise <= 1.0, f"--high-noise {a.high_noise} must be in [0, 1]"),
@@ -279,23 +296,26 @@ def main(argv=None) -> int:
     a = _checked_args(_parser(), argv)
     warnings.filterwarnings("ignore")
     if a.evaluate:
-        print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100), indent=1))
+        print(json.dumps(caption_following(load_pipeline(a.evaluate), a.eval or 100, world=world_of(a.evaluate)),
+                         indent=1))
         return 0
     out = Path(a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    tok = build_tokenizer()
+    world = WORLDS[a.world]
+    tok = build_tokenizer(world)
     vae, text, unet = build_models(tok, a.seed)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log, steps=a.vae_steps)
+    vae_steps = train_vae(vae, a.minutes * 60 * a.vae_share, seed=a.seed, log=log, steps=a.vae_steps,
+                          world=world)
     steps = train_denoiser(vae, text, unet, tok, a.minutes * 60 * (1 - a.vae_share), seed=a.seed, log=log,
                            steps=a.steps, n_images=a.images, high_noise=a.high_noise, noisy_from=a.noisy_from,
-                           eval_every=a.eval_every)
+                           eval_every=a.eval_every, world=world)
     pipe = assemble(vae, text, unet, tok)
-    score = caption_following(pipe, a.eval) if a.eval else {}
+    score = caption_following(pipe, a.eval, world=world) if a.eval else {}
     budget = a.minutes if a.vae_steps is None or a.steps is None else None    # only when a budget set steps
-    info = {"seed": a.seed, "minutes": budget, "images": a.images, "high_noise": a.high_noise,
+    info = {"world": a.world, "seed": a.seed, "minutes": budget, "images": a.images, "high_noise": a.high_noise,
             "noisy_from": a.noisy_from, "vae_steps": vae_steps, "denoiser_steps": steps,
             "train_seconds": round(time.time() - t0), "threads": torch.get_num_threads(),
             "caption_following": score, "torch": torch.__version__}

@@ -149,3 +149,63 @@ def aligned_iou(a: np.ndarray, b: np.ndarray) -> float:
     yb, xb = (v.mean() for v in np.nonzero(b))
     shifted = np.roll(np.roll(b, int(round(ya - yb)), axis=0), int(round(xa - xb)), axis=1)
     return float((a & shifted).sum() / (a | shifted).sum())
+
+
+def rgb_distance(rgb, colour: str) -> float:
+    """Euclidean distance, in 0–255 RGB units, from a measured colour to a named world colour."""
+    return float(np.linalg.norm(np.asarray(rgb, dtype=np.float64) - np.asarray(COLOURS[colour], dtype=np.float64)))
+
+
+def object_rgb(image: Image.Image, mask: np.ndarray):
+    """Median colour of the masked pixels (None for an empty mask)."""
+    if mask.sum() == 0:
+        return None
+    a = np.asarray(image.convert("RGB").resize((SIZE, SIZE)), dtype=np.float32)
+    return tuple(float(v) for v in np.median(a[mask], axis=0))
+
+
+class FlatWorld:
+    """The first world: one object on a plain background. Everything here is the module's functions, so a
+    model pretrained before worlds were types reproduces bit for bit."""
+    name = "flat"
+    max_length = 24              # caption tokens seen in pretraining
+    new_shapes = NEW_SHAPES
+
+    @staticmethod
+    def sample_scene(rng: random.Random, shapes=SHAPES, **fixed) -> Scene:
+        return sample_scene(rng, shapes=shapes, **fixed)
+
+    @staticmethod
+    def render(scene: Scene) -> Image.Image:
+        return render(scene)
+
+    @staticmethod
+    def measure(image: Image.Image) -> Measured:
+        return measure(image)
+
+    @staticmethod
+    def vocabulary() -> list[str]:
+        return vocabulary()
+
+    @staticmethod
+    def prompt(scene: Scene) -> str:
+        """The caption with the shape as the placeholder concept ("a large sks shape on ...")."""
+        return (f"a {scene.size} {PLACEHOLDER} {CLASS_WORD} on a {scene.background} background, "
+                f"at the {scene.position}")
+
+    @staticmethod
+    def followed(scene: Scene, m: Measured) -> dict:
+        """Which of the caption's facts the image shows; ``prompt`` = every fact a test prompt changes."""
+        hits = {k: getattr(m, k) == getattr(scene, k) for k in ("background", "position", "size", "colour")}
+        hits["prompt"] = hits["background"] and hits["position"]
+        return hits
+
+    @staticmethod
+    def test_scenes(concept: Scene, n: int, seed: int) -> list:
+        """n scenes of the concept that differ from its training image in background and position."""
+        rng = random.Random(seed)
+        bgs = [c for c in COLOURS if c not in (concept.background, concept.colour)]
+        poss = [p for p in POSITIONS if p != concept.position]
+        pairs = [(b, p) for b in bgs for p in poss]
+        rng.shuffle(pairs)
+        return [Scene(concept.shape, concept.colour, b, concept.size, p) for b, p in pairs[:n]]
