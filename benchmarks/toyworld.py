@@ -1,86 +1,248 @@
-"""T-LoRA vs LoRA in the toy world: K held-out concepts × S seeds × {LoRA, Vanilla T-LoRA, T-LoRA} × ranks.
+"""T-LoRA vs LoRA in the toy worlds at matched fidelity: every method along its own training path.
 
-    python -m benchmarks.toyworld [--quick] [--concepts K] [--seeds S] [--steps N] [--jobs 2] [--out benchmarks/toyworld.md]
+    python -m benchmarks.toyworld [--worlds flat textured] [--concepts K] [--seeds S] [--lrs LR ...]
+                                  [--min-ranks R ...] [--steps N] [--every N] [--jobs 2]
+    python -m benchmarks.toyworld --from-log benchmarks/toyworld-points.jsonl     # tables and plot from a log
+    python -m benchmarks.toyworld --quick                                          # smoke test, no result
 
-Every run trains on one image of a concept and samples prompts that move it to other backgrounds and
-positions; metrics are read from the pixels (see tlora.toyworld.experiment). ``--quick`` is a smoke test
-(one concept, one seed, rank 4, few steps): it shows the pipeline runs, not a result.
+Each (world, concept, seed) trains LoRA and T-LoRA (ortho, sig_type last, one run per Rmin) at rank R and
+every lr, scoring a checkpoint every --every steps (T-LoRA also with the mask off); the base model is every
+path's step 0. Every scored point goes to the log (JSON lines); the report (markdown) and the plot (PNG) are
+computed from the log alone: text alignment at matched shape-IoU levels on each method's upper envelope
+(tlora.toyworld.tradeoff), mean ± sd over concepts × seeds.
 """
 from __future__ import annotations
 
+import json
 import statistics
+import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-PAPER = {  # SDXL, paper Table: (IS, TS) for LoRA, Vanilla T-LoRA, T-LoRA
-    4: ((.890, .250), (.894, .259), (.899, .255)),
-    16: ((.900, .243), (.902, .256), (.897, .260)),
-    64: ((.901, .232), (.902, .240), (.900, .256)),
-}
+HERE = Path(__file__).resolve().parent
+LEVELS = (0.3, 0.4, 0.5, 0.6)
+READING = "<!-- reading: kept when the report is rewritten -->"
 
 
-def table(results, ranks, methods) -> list[str]:
-    lines = ["| rank | method | text alignment (mean ± sd over seeds) | concept fidelity | paper IS / TS (SDXL) |",
-             "|---|---|---|---|---|"]
-    for r in ranks:
-        for mi, m in enumerate(methods):
-            rows = [x for x in results if x.rank == r and x.method == m]
-            seeds = sorted({x.seed for x in rows})
-            # average over concepts within a seed, then spread over seeds
-            ta = [statistics.mean(x.text_alignment for x in rows if x.seed == s) for s in seeds]
-            cf = [statistics.mean(x.concept_fidelity for x in rows if x.seed == s) for s in seeds]
-            sd = (lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
-            paper = PAPER.get(r)
-            p = f"{paper[mi][0]:.3f} / {paper[mi][1]:.3f}" if paper and mi < 3 else "-"
-            lines.append(f"| {r} | {m} | {statistics.mean(ta):.2f}{sd(ta)} | {statistics.mean(cf):.2f}{sd(cf)} | {p} |")
-    return lines
+def read_log(path: Path):
+    """(header dict, list of point dicts) from a log written by :func:`write_log`."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return lines[0], lines[1:]
+
+
+def write_log(path: Path, header: dict, points: list) -> None:
+    tmp = Path(path).with_suffix(".partial")
+    tmp.write_text("\n".join(json.dumps(x, sort_keys=True) for x in [header] + points) + "\n")
+    tmp.replace(path)
+
+
+def method_order(points) -> list:
+    """LoRA, then T-LoRA by Rmin, each masked method followed by its no-mask sampling."""
+    names = {p["method"] for p in points} - {"base"}
+    rmin = lambda m: int(m.split("Rmin ")[1].split()[0]) if "Rmin " in m else -1   # noqa: E731
+    return sorted(names, key=lambda m: (rmin(m), "(no mask)" in m))
+
+
+def curves(points) -> dict:
+    """{(world, method): [envelope per (concept, seed)]}, each path starting at its base point."""
+    from tlora.toyworld.tradeoff import upper_envelope
+    base = {(p["world"], p["concept"], p["seed"]): (p["shape_iou"], p["text_alignment"])
+            for p in points if p["method"] == "base"}
+    groups = defaultdict(list)
+    for p in points:
+        if p["method"] != "base":
+            groups[(p["world"], p["method"], p["concept"], p["seed"])].append((p["shape_iou"], p["text_alignment"]))
+    out = defaultdict(list)
+    for (w, m, c, s), pts in sorted(groups.items()):
+        out[(w, m)].append(upper_envelope(pts + [base[(w, c, s)]]))
+    return out
+
+
+def _mean_sd(vals) -> str:
+    if not vals:
+        return "–"
+    sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals):.2f}{sd}"
+
+
+def world_tables(points, world: str, levels) -> list:
+    """Markdown for one world: base row, matched-fidelity table, best-fidelity table."""
+    from tlora.toyworld.tradeoff import matched
+    pts = [p for p in points if p["world"] == world]
+    methods = method_order(pts)
+    cv = curves(pts)
+    base = [p for p in pts if p["method"] == "base"]
+    lines = [f"### {world} world", "",
+             f"Base model, no adapter: text alignment {_mean_sd([p['text_alignment'] for p in base])}, shape IoU "
+             f"{_mean_sd([p['shape_iou'] for p in base])}, colour distance {_mean_sd([p['colour_distance'] for p in base])}.",
+             "", "| method | " + " | ".join(f"TA at IoU {lv:g}" for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    table = matched({m: cv[(world, m)] for m in methods}, levels)
+    for m in methods:
+        cells = []
+        for row in table[m]:
+            if row["mean"] is None:
+                cells.append(f"– (0/{row['of']})")
+            else:
+                reach = "" if row["n"] == row["of"] else f" ({row['n']}/{row['of']})"
+                sd = f" ± {row['sd']:.2f}" if row["n"] > 1 else ""
+                cells.append(f"{row['mean']:.2f}{sd}{reach}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | highest shape IoU on the path | its text alignment | its colour distance |",
+              "|---|---|---|---|"]
+    for m in methods:
+        best = defaultdict(lambda: None)
+        for p in pts:
+            if p["method"] == m:
+                k = (p["concept"], p["seed"])
+                if best[k] is None or p["shape_iou"] > best[k]["shape_iou"]:
+                    best[k] = p
+        b = list(best.values())
+        lines.append(f"| {m} | {_mean_sd([p['shape_iou'] for p in b])} | {_mean_sd([p['text_alignment'] for p in b])} | "
+                     f"{_mean_sd([p['colour_distance'] for p in b])} |")
+    return lines + [""]
+
+
+def plot(points, path: Path, levels) -> None:
+    """One panel per world: every point (faint), each method's mean envelope (solid; no mask dashed), base."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tlora.toyworld.tradeoff import mean_curve
+    worlds = sorted({p["world"] for p in points})
+    cv = curves(points)
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.2 * len(worlds), 5.0), squeeze=False)
+    grid = [i / 100 for i in range(0, 101)]
+    colours = {}
+    for ax, w in zip(axes[0], worlds):
+        pts = [p for p in points if p["world"] == w]
+        for m in method_order(pts):
+            key = m.replace(" (no mask)", "")
+            colour = colours.setdefault(key, f"C{len(colours)}")
+            dashed = "(no mask)" in m
+            mine = [p for p in pts if p["method"] == m]
+            ax.scatter([p["shape_iou"] for p in mine], [p["text_alignment"] for p in mine], s=9, alpha=0.25,
+                       color=colour, marker="x" if dashed else "o")
+            c = mean_curve(cv[(w, m)], grid)
+            if c:
+                ax.plot(*zip(*c), color=colour, linestyle="--" if dashed else "-", linewidth=2, label=m)
+        base = [p for p in pts if p["method"] == "base"]
+        ax.scatter([p["shape_iou"] for p in base], [p["text_alignment"] for p in base], s=60, marker="*",
+                   color="black", label="base model", zorder=5)
+        for lv in levels:
+            ax.axvline(lv, color="grey", linewidth=0.5, linestyle=":")
+        ax.set(title=f"{w} world", xlabel="concept fidelity: shape IoU with the training image",
+               ylabel="text alignment (share of prompts followed)", xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Upper envelope over checkpoints and learning rates, mean over concepts × seeds")
+    fig.tight_layout()
+    tmp = path.with_suffix(".partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(header: dict, points: list, levels, plot_name: str, reading: str = "") -> str:
+    h = header
+    lines = ["# Toy worlds: T-LoRA vs LoRA at matched fidelity", "",
+             f"Command: `{h['command']}` ({h['minutes']:.1f} min on {h['machine']}). Worlds: {', '.join(h['worlds'])}; "
+             f"{h['concepts']} held-out concepts × {h['seeds']} seeds; rank {h['rank']}; lr {', '.join(f'{x:g}' for x in h['lrs'])}; "
+             f"{h['steps']} steps (batch 4), scored every {h['every']} steps; T-LoRA Rmin {', '.join(map(str, h['min_ranks']))} "
+             f"(ortho, sig_type last); {h['prompts']} test prompts per point; DDIM 25 steps, guidance 3. "
+             f"Every point: `{h['log']}`; recompute this page and the plot with "
+             f"`python -m benchmarks.toyworld --from-log {h['log']}`.", "",
+             "Text alignment (TA): share of images that show every fact the prompt changed (flat world: background "
+             "colour and position; textured world: background colour, pattern, position, second object's colour "
+             "and position), read from the pixels. Shape IoU: IoU of the generated object's mask with the training "
+             "image's after centring both, any colour. Colour distance: RGB distance of the object's median colour "
+             "to the concept's, ÷ the black–white distance (0 = exact; 1 = no object). TA at IoU f: each method's "
+             "upper envelope over all its checkpoints and learning rates (base model included as step 0), read at "
+             "shape IoU f, mean ± sd over concepts × seeds; (n/N): only n of N runs reach f, the mean is over them.",
+             "", f"![trade-off curves]({plot_name})", ""]
+    for w in h["worlds"]:
+        lines += world_tables(points, w, levels)
+    if h.get("quick"):
+        lines += ["(--quick: a smoke test of the pipeline, not a result.)", ""]
+    return "\n".join(lines) + (f"\n{READING}\n{reading}" if reading else f"\n{READING}\n")
+
+
+def write_outputs(header, points, out: Path, plot_path: Path, levels) -> str:
+    old = out.read_text() if out.exists() else ""
+    reading = old.split(READING, 1)[1].lstrip("\n") if READING in old else ""
+    plot(points, plot_path, levels)
+    text = report(header, points, levels, plot_path.name, reading)
+    tmp = out.with_suffix(".md.partial")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return text
+
+
+def _parser():
+    from tlora.errors import OneLineParser
+    ap = OneLineParser(prog="python -m benchmarks.toyworld", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 concept, 1 seed, rank 4, 4 steps")
+    ap.add_argument("--worlds", nargs="+", choices=["flat", "textured"], default=["flat", "textured"])
+    ap.add_argument("--concepts", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--min-ranks", type=int, nargs="+", default=[1, 16, 32], help="T-LoRA runs, one per Rmin")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--every", type=int, default=50, help="score a checkpoint every N steps (default 50)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="shape IoU levels of the table")
+    ap.add_argument("--jobs", type=int, default=2, help="paths side by side, one process each (default 2)")
+    ap.add_argument("--out", default=str(HERE / "toyworld.md"))
+    ap.add_argument("--log", default=str(HERE / "toyworld-points.jsonl"))
+    ap.add_argument("--plot", default=str(HERE / "toyworld.png"))
+    ap.add_argument("--from-log", metavar="LOG", help="only rewrite the report and plot from this log")
+    return ap
+
+
+def _check(ap, a) -> None:
+    from tlora.toyworld.experiment import CONCEPTS
+    for bad, rule in [(not 1 <= a.concepts <= 4, "--concepts must be 1..4"),
+                      (a.seeds < 1 or a.jobs < 1, "--seeds and --jobs must be at least 1"),
+                      (a.rank < 1 or any(not 1 <= r <= a.rank for r in a.min_ranks), "--min-ranks must be in 1..--rank"),
+                      (any(not 0 < x <= 1 for x in a.lrs), "--lrs must be in (0, 1]"),
+                      (a.every < 1 or a.steps % a.every, "--steps must be a multiple of --every (at least 1)"),
+                      (any(not 0 <= x <= 1 for x in a.levels), "--levels must be in [0, 1]"),
+                      (a.prompts < 1, "--prompts must be at least 1")]:
+        if bad:
+            ap.error(rule)
+    assert all(len(v) == 4 for v in CONCEPTS.values())
 
 
 def main(argv=None) -> int:
-    from tlora.toyworld.experiment import CONCEPTS, LR, METHODS, STEPS, TARGETS, default_model, run_grid
-    from tlora.errors import OneLineParser
-    ap = OneLineParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--concepts", type=int, default=2)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
-    ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--lr", type=float, default=LR)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one process each (default 2)")
-    ap.add_argument("--model", default=None, help="toy-world pipeline (default: the shipped one)")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("toyworld.md")))
+    ap = _parser()
     a = ap.parse_args(argv)
-    if not 1 <= a.concepts <= len(CONCEPTS) or a.seeds < 1 or a.jobs < 1:
-        ap.error(f"--concepts must be 1..{len(CONCEPTS)}, --seeds and --jobs at least 1")
+    if a.from_log:
+        header, points = read_log(Path(a.from_log))
+        print(write_outputs(header, points, Path(a.out), Path(a.plot), a.levels))
+        return 0
     if a.quick:
-        a.concepts, a.seeds, a.ranks, a.steps, a.prompts = 1, 1, [4], 10, 2
+        a.concepts, a.seeds, a.rank, a.min_ranks, a.lrs, a.steps, a.every, a.prompts = 1, 1, 4, [1], [5e-3], 4, 2, 2
+    _check(ap, a)
+    import platform
     import warnings
     warnings.filterwarnings("ignore")
-    methods = list(METHODS)
+    from tlora.toyworld.experiment import LORA, run_study, study_runs, tlora_method
+    methods = [LORA] + [tlora_method(r) for r in a.min_ranks]
     t0 = time.time()
-    results = run_grid(Path(a.model) if a.model else default_model(), list(range(a.concepts)), list(range(a.seeds)),
-                       a.ranks, methods, a.steps, a.prompts, lr=a.lr, jobs=a.jobs)
-    minutes = (time.time() - t0) / 60
-    cmd = "python -m benchmarks.toyworld" + (" --quick" if a.quick else
-                                               f" --concepts {a.concepts} --seeds {a.seeds} --steps {a.steps} --lr {a.lr:g} --jobs {a.jobs}")
-    lines = ["# Toy world: T-LoRA vs LoRA from one image", "",
-             f"Command: `{cmd}` ({minutes:.1f} min on this machine). {a.concepts} held-out concepts × {a.seeds} seeds, "
-             f"{a.steps} training steps (batch 4, lr {a.lr:g}, LoRA on {' and '.join(TARGETS)} layers), {a.prompts} prompts per run that change background and "
-             "position; DDIM 25 steps, guidance 3.", "",
-             "Text alignment: share of images whose background colour and position, read from the pixels, match "
-             "the prompt (the paper's TS, exact here). Concept fidelity: IoU of the generated object's mask with "
-             "the reference object's after centring both, zero when the object has the wrong colour (the paper's "
-             "IS, exact here).", ""] + table(results, a.ranks, methods)
-    lines += ["", "Every run (concept index, seed, rank, method: text alignment / concept fidelity):", ""]
-    lines += [f"- c{x.concept} s{x.seed} r{x.rank} {x.method}: {x.text_alignment:.2f} / {x.concept_fidelity:.2f}"
-              for x in results]
-    if a.quick:
-        lines += ["", "(--quick: a smoke test of the pipeline, not a result.)"]
-    tmp = Path(a.out).with_suffix(".md.partial")      # written whole, then renamed
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(a.out)
-    print("\n".join(lines))
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = study_runs(a.worlds, list(range(a.concepts)), list(range(a.seeds)), methods, a.lrs, a.rank, a.steps,
+                          a.every, a.prompts, tmp)
+        points = [p.as_dict() for p in run_study(runs, jobs=a.jobs)]
+    argv_txt = " ".join(argv if argv is not None else sys.argv[1:])
+    header = {"command": f"python -m benchmarks.toyworld {argv_txt}".strip(), "minutes": (time.time() - t0) / 60,
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, jobs {a.jobs}",
+              "worlds": a.worlds, "concepts": a.concepts, "seeds": a.seeds, "rank": a.rank, "lrs": a.lrs,
+              "steps": a.steps, "every": a.every, "min_ranks": a.min_ranks, "prompts": a.prompts,
+              "log": f"benchmarks/{Path(a.log).name}" if Path(a.log).resolve().parent == HERE else a.log, "quick": a.quick}
+    write_log(Path(a.log), header, points)
+    print(write_outputs(header, points, Path(a.out), Path(a.plot), a.levels))
     return 0
 
 

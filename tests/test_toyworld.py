@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tlora.toyworld.world import NEW_SHAPES, SHAPES, Scene, aligned_iou, measure, render, sample_scene, vocabulary
 
@@ -54,43 +55,95 @@ def test_tokenizer_gives_one_token_per_word():
     assert all(build_tokenizer().get_vocab() == tok.get_vocab() for _ in range(3))
 
 
-def test_shipped_model_loads_with_stock_diffusers_and_is_small():
+def test_textured_scenes_read_back_from_pixels():
+    from tlora.toyworld.textured import TexturedWorld as W
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        s = W.sample_scene(rng, shapes=SHAPES + NEW_SHAPES)
+        m = W.measure(W.render(s))
+        assert all(W.followed(s, m).values()) and m.size == "large", (s, m.as_dict())
+        seen.add(s.pattern)
+    assert seen == {"plain", "striped", "checked"}
+    # the test prompts change every fact of the training image a copying adapter could keep
+    from tlora.toyworld.experiment import CONCEPTS
+    c = CONCEPTS["textured"][0]
+    for t in W.test_scenes(c, 8, seed=0):
+        assert (t.shape, t.colour) == (c.shape, c.colour)
+        assert t.background != c.background and t.pattern != c.pattern and t.position != c.position
+        assert (t.second_colour, t.second_shape) != (c.second_colour, c.second_shape)
+
+
+def test_textured_pretraining_captions_name_everything_and_fit_the_token_budget():
+    from tlora.toyworld.pretrain import build_tokenizer, dataset
+    from tlora.toyworld.textured import TexturedWorld as W
+    scenes, caps = dataset(2000, seed=0, world=W)
+    assert not any(s.shape in NEW_SHAPES for s in scenes)
+    assert not any(w in c for c in caps for w in NEW_SHAPES + ("sks",))
+    tok = build_tokenizer(W)
+    lengths = [len(tok(c)["input_ids"]) for c in caps]
+    assert max(lengths) <= W.max_length
+    words = caps[0].replace(",", " ,").split()
+    assert tok.convert_ids_to_tokens(tok(caps[0])["input_ids"])[1:-1] == [w + "</w>" for w in words]
+
+
+@pytest.mark.parametrize("world", ["flat", "textured"])
+def test_shipped_models_load_with_stock_diffusers_and_are_small(world):
     from diffusers import DiffusionPipeline
     from tlora.toyworld.experiment import default_model
-    path = default_model()
+    from tlora.toyworld.pretrain import WORLDS, world_of
+    path = default_model(world)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 20 * 2**20
     pipe = DiffusionPipeline.from_pretrained(str(path))
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert pipe.scheduler.config.num_train_timesteps == 1000
+    assert world_of(path) is WORLDS[world]
     info = json.loads((path / "toyworld.json").read_text())
-    assert info["caption_following"]["background_and_position"] >= 0.8
+    assert info["caption_following"][WORLDS[world].prompt_key] >= 0.5
+    assert info["train_seconds"] <= 30 * 60
 
 
-def test_quick_experiment_runs(tmp_path):
-    from benchmarks.toyworld import main
-    out = tmp_path / "tw.md"
-    assert main(["--quick", "--out", str(out)]) == 0
+def test_quick_study_runs_and_its_report_is_recomputed_from_its_log(tmp_path):
+    from benchmarks.toyworld import main, read_log
+    out, log, plot = tmp_path / "tw.md", tmp_path / "points.jsonl", tmp_path / "tw.png"
+    files = ["--out", str(out), "--log", str(log), "--plot", str(plot)]
+    assert main(["--quick", *files]) == 0
+    header, points = read_log(log)
+    assert header["quick"] and header["worlds"] == ["flat", "textured"]
+    got = {(p["world"], p["method"], p["step"]) for p in points}
+    for w in ("flat", "textured"):
+        assert (w, "base", 0) in got
+        for m in ("LoRA", "T-LoRA Rmin 1", "T-LoRA Rmin 1 (no mask)"):
+            assert {(w, m, 2), (w, m, 4)} <= got
+    assert all(0 <= p[k] <= 1 for p in points for k in ("text_alignment", "shape_iou", "colour_distance"))
     text = out.read_text()
-    assert "| 4 | LoRA |" in text and "| 4 | T-LoRA |" in text and "smoke test" in text
+    assert "smoke test" in text and "### flat world" in text and "### textured world" in text
+    first = plot.read_bytes()
+    assert Image.open(plot).size[0] > 600
+    # the report is a function of the log alone
+    assert main(["--from-log", str(log), "--out", str(tmp_path / "again.md"), "--plot", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.md").read_text().replace("again.png", "tw.png") == text
+    assert len(first) > 0
 
 
-def test_grid_runs_side_by_side_give_the_numbers_of_one_by_one(tmp_path):
+def test_paths_side_by_side_give_the_numbers_of_one_by_one(tmp_path):
     # each of 2 workers runs cpu_count // 2 threads; one-by-one here with as many threads must give the same numbers
     import os
-    from tlora.toyworld.experiment import default_model, run_grid
-    grid = dict(model=default_model(), concepts=[1], seeds=[0], ranks=[4], methods=["LoRA", "T-LoRA"], steps=3,
-                n_prompts=2, log=lambda s: None)
+    from tlora.toyworld.experiment import LORA, run_study, study_runs, tlora_method
+    runs = study_runs(["flat"], [1], [0], [LORA, tlora_method(1)], [5e-3], rank=4, steps=2, every=1, n_prompts=2,
+                      workdir=str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     try:
-        alone = run_grid(jobs=1, **grid)
+        alone = run_study(runs, jobs=1, log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
-    together = run_grid(jobs=2, **grid)
-    assert [r.method for r in together] == ["LoRA", "T-LoRA"]
+    together = run_study(runs, jobs=2, log=lambda s: None)
+    assert [p.method for p in together] == ["base", "LoRA", "LoRA", "T-LoRA Rmin 1", "T-LoRA Rmin 1 (no mask)",
+                                            "T-LoRA Rmin 1", "T-LoRA Rmin 1 (no mask)"]
     assert together == alone
-    assert any(r.text_alignment > 0 for r in alone)     # the numbers compared are not all zero
+    assert any(p.text_alignment > 0 for p in alone)     # the numbers compared are not all zero
 
 
 def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_steps(tmp_path, capsys):

@@ -78,6 +78,7 @@ def _quadrant(mask: np.ndarray) -> str:
 class TexturedWorld:
     name = "textured"
     max_length = 32
+    prompt_key = "prompt"
     new_shapes = NEW_SHAPES
 
     @staticmethod

@@ -169,6 +169,7 @@ class FlatWorld:
     model pretrained before worlds were types reproduces bit for bit."""
     name = "flat"
     max_length = 24              # caption tokens seen in pretraining
+    prompt_key = "background_and_position"   # the key of ``followed`` that says: every fact a test prompt changes
     new_shapes = NEW_SHAPES
 
     @staticmethod
@@ -195,9 +196,9 @@ class FlatWorld:
 
     @staticmethod
     def followed(scene: Scene, m: Measured) -> dict:
-        """Which of the caption's facts the image shows; ``prompt`` = every fact a test prompt changes."""
+        """Which of the caption's facts the image shows (``prompt_key``: every fact a test prompt changes)."""
         hits = {k: getattr(m, k) == getattr(scene, k) for k in ("background", "position", "size", "colour")}
-        hits["prompt"] = hits["background"] and hits["position"]
+        hits["background_and_position"] = hits["background"] and hits["position"]
         return hits
 
     @staticmethod
