@@ -136,7 +136,7 @@ def plot(points, path: Path, levels) -> None:
         ax.set(title=f"{w} world", xlabel="concept fidelity: shape IoU with the training image",
                ylabel="text alignment (share of prompts followed)", xlim=(0, 1), ylim=(-0.02, 1.02))
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Upper envelope over checkpoints and learning rates, mean over concepts × seeds")
+    fig.suptitle("Each method's upper envelope over its checkpoints and learning rates (mean over runs)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".partial.png")
     fig.savefig(tmp, dpi=110)
@@ -192,7 +192,8 @@ def _parser():
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=50, help="score a checkpoint every N steps (default 50)")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="shape IoU levels of the table")
+    ap.add_argument("--levels", type=float, nargs="+",
+                    help=f"shape IoU levels of the table (default: the log's, or {' '.join(map(str, LEVELS))})")
     ap.add_argument("--jobs", type=int, default=2, help="paths side by side, one process each (default 2)")
     ap.add_argument("--out", default=str(HERE / "toyworld.md"))
     ap.add_argument("--log", default=str(HERE / "toyworld-points.jsonl"))
@@ -203,28 +204,31 @@ def _parser():
 
 def _check(ap, a) -> None:
     from tlora.toyworld.experiment import CONCEPTS
-    for bad, rule in [(not 1 <= a.concepts <= 4, "--concepts must be 1..4"),
+    n = min(len(v) for v in CONCEPTS.values())
+    for bad, rule in [(not 1 <= a.concepts <= n, f"--concepts must be 1..{n}"),
                       (a.seeds < 1 or a.jobs < 1, "--seeds and --jobs must be at least 1"),
                       (a.rank < 1 or any(not 1 <= r <= a.rank for r in a.min_ranks), "--min-ranks must be in 1..--rank"),
                       (any(not 0 < x <= 1 for x in a.lrs), "--lrs must be in (0, 1]"),
                       (a.every < 1 or a.steps % a.every, "--steps must be a multiple of --every (at least 1)"),
-                      (any(not 0 <= x <= 1 for x in a.levels), "--levels must be in [0, 1]"),
                       (a.prompts < 1, "--prompts must be at least 1")]:
         if bad:
             ap.error(rule)
-    assert all(len(v) == 4 for v in CONCEPTS.values())
 
 
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
+    if any(not 0 <= x <= 1 for x in a.levels or ()):
+        ap.error("--levels must be in [0, 1]")
     if a.from_log:
         header, points = read_log(Path(a.from_log))
-        print(write_outputs(header, points, Path(a.out), Path(a.plot), a.levels))
+        levels = a.levels or header.get("levels") or list(LEVELS)
+        print(write_outputs(header, points, Path(a.out), Path(a.plot), levels))
         return 0
     if a.quick:
         a.concepts, a.seeds, a.rank, a.min_ranks, a.lrs, a.steps, a.every, a.prompts = 1, 1, 4, [1], [5e-3], 4, 2, 2
     _check(ap, a)
+    a.levels = a.levels or list(LEVELS)
     import platform
     import warnings
     warnings.filterwarnings("ignore")
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     header = {"command": f"python -m benchmarks.toyworld {argv_txt}".strip(), "minutes": (time.time() - t0) / 60,
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, jobs {a.jobs}",
               "worlds": a.worlds, "concepts": a.concepts, "seeds": a.seeds, "rank": a.rank, "lrs": a.lrs,
-              "steps": a.steps, "every": a.every, "min_ranks": a.min_ranks, "prompts": a.prompts,
+              "steps": a.steps, "every": a.every, "min_ranks": a.min_ranks, "prompts": a.prompts, "levels": a.levels,
               "log": f"benchmarks/{Path(a.log).name}" if Path(a.log).resolve().parent == HERE else a.log, "quick": a.quick}
     write_log(Path(a.log), header, points)
     print(write_outputs(header, points, Path(a.out), Path(a.plot), a.levels))

@@ -221,32 +221,34 @@ def test_evaluate_prints_the_shipped_models_caption_following(capsys):
 
 
 def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp_path, capsys):
-    from PIL import Image
+    from tlora import demo
     from tlora.cli import main
     from tlora.toyworld.experiment import CONCEPTS, default_model
-    from tlora.toyworld.world import render
+    from tlora.toyworld.pretrain import WORLDS
     from tlora.weights import read_header
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--rank", "4"]) == 0
     text = capsys.readouterr().out
-    scores = re.findall(r"(LoRA|T-LoRA)\s+text alignment ([\d.]+)\s+concept fidelity ([\d.]+)", text)
+    scores = re.findall(r"(LoRA|T-LoRA)\s+text alignment ([\d.]+)\s+shape IoU ([\d.]+)\s+colour distance ([\d.]+)", text)
     assert [s[0] for s in scores] == ["LoRA", "T-LoRA"]
     assert all(0.0 <= float(v) <= 1.0 for s in scores for v in s[1:])
     sheet = Image.open(out / "lora-vs-tlora.png")
     assert sheet.size == (7 * 32 * 4, 3 * 32 * 4)      # training image + 6 prompts, 3 rows, 32 px scaled ×4
     # column 1 of every row is the training image, drawn by the world itself
-    reference = render(CONCEPTS[0]).resize((128, 128), Image.Resampling.NEAREST).convert("RGB")
+    world = WORLDS[demo.WORLD]
+    reference = world.render(CONCEPTS[demo.WORLD][demo.CONCEPT]).resize((128, 128), Image.Resampling.NEAREST)
     for row in range(3):
         tile = sheet.convert("RGB").crop((0, row * 128, 128, (row + 1) * 128))
-        assert np.array_equal(np.asarray(tile), np.asarray(reference)), row
+        assert np.array_equal(np.asarray(tile), np.asarray(reference.convert("RGB"))), row
     tlora_h = read_header(out / "T-LoRA" / "run" / "tlora.safetensors")
     lora_h = read_header(out / "LoRA" / "run" / "tlora.safetensors")
-    assert Path(tlora_h["base_model"]) == default_model()
-    assert (tlora_h["variant"], tlora_h["config"]["rank"], tlora_h["training"]["config"]["max_steps"]) == \
-        ("ortho", 4, 3)
+    assert Path(tlora_h["base_model"]) == default_model(demo.WORLD)
+    train_cfg = tlora_h["training"]["config"]
+    assert (tlora_h["variant"], tlora_h["config"]["rank"], train_cfg["max_steps"], train_cfg["learning_rate"]) == \
+        ("ortho", 4, 3, demo.LR)
     # plain LoRA is stored as an adapter whose every rank is active at every timestep
     assert all(m["min_rank"] == m["rank"] for m in lora_h["modules"].values())
-    assert any(m["min_rank"] < m["rank"] for m in tlora_h["modules"].values())
+    assert {m["min_rank"] for m in tlora_h["modules"].values()} == {2}      # Rmin = R / 2, the paper's ratio
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--rank", "-1"]])

@@ -241,7 +241,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, help="training steps per method (default: the toy-world recipe, 400 at lr 5e-3)")
+    p.add_argument("--steps", type=int, help="training steps per method (default: the demo's recipe, tlora.demo.STEPS)")
     p.add_argument("--rank", type=int, default=64, help="adapter rank of both methods (default 64)")
 
 

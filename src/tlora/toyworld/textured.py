@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .world import (CLASS_WORD, COLOURS, NEW_SHAPES, PLACEHOLDER, POSITIONS, SHAPES, SIZE, SIZES, Measured, Scene,
                     render)
@@ -160,9 +160,13 @@ class TexturedWorld:
 
     @staticmethod
     def followed(scene: TexturedScene, m: TexturedMeasured) -> dict:
+        """Which of the caption's facts the image shows. ``prompt`` (what text alignment counts): background
+        colour, pattern and position. The second object stays in every caption and training image (it is part
+        of the layout an adapter can copy) but not in ``prompt``: the shipped base model draws it as asked only
+        part of the time (colour 55 %, position 33 % of captions), so it would mostly measure the base model."""
         keys = ("background", "pattern", "position", "colour", "second_colour", "second_position")
         hits = {k: getattr(m, k) == getattr(scene, k) for k in keys}
-        hits["prompt"] = all(hits[k] for k in keys if k != "colour")
+        hits["prompt"] = hits["background"] and hits["pattern"] and hits["position"]
         return hits
 
     @staticmethod
