@@ -252,8 +252,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {value} must be at least 1")
     check_output(a.out, "--out", folder=True)
     sheet = run_demo(Path(a.out), a.steps, a.rank)
-    print(f"weights:  {Path(a.out) / 'LoRA' / 'run' / 'tlora.safetensors'}, {Path(a.out) / 'T-LoRA' / 'run' / 'tlora.safetensors'}")
-    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")
+    print("weights:  " + ", ".join(str(Path(a.out) / r / "run" / "tlora.safetensors") for r in ("LoRA", "T-LoRA", "LoRA-gentle")))
+    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; row 4: LoRA at a gentler lr; "
+          "column 1: training image)")
     return 0
 
 

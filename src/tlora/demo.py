@@ -6,9 +6,13 @@ on one image of a shape the base model never saw, then asks both to put it into 
 side-by-side grid:
 
     row 1: what each prompt asks for (rendered by the world itself)
-    row 2: LoRA        row 3: T-LoRA          (column 1: the training image)
+    row 2: LoRA, row 3: T-LoRA, both at the same lr and steps
+    row 4: LoRA at a gentler lr                 (column 1: the training image)
 
-The recipe (world, rank, Rmin, lr, steps) is the one ``benchmarks/toyworld.md`` picked for it.
+The recipe is what ``benchmarks/toyworld.md`` found: at one shared lr and step count (5e-3, 200 steps) LoRA
+copies the training image's background and position while T-LoRA (Rmin = R/4, the study's best) keeps
+following the prompt; at a gentler lr (2e-3) LoRA follows the prompt as well and learns as much of the shape,
+so at matched fidelity T-LoRA has no edge in the toy world.
 """
 from __future__ import annotations
 
@@ -22,12 +26,12 @@ from .generate import contact_sheet, load_pipeline
 from .toyworld.experiment import CONCEPTS, LORA, default_model, personalise, sample, score, tlora_method
 from .toyworld.pretrain import WORLDS
 
-WORLD, CONCEPT, RANK, LR, STEPS = "textured", 0, 64, 2e-3, 300     # T-LoRA's Rmin: R / 2, the paper's 64 / 32
+WORLD, CONCEPT, RANK, LR, GENTLE_LR, STEPS = "flat", 0, 64, 5e-3, 2e-3, 200     # T-LoRA's Rmin: R / 4
 
 
 def run_demo(out: Path, steps: int = None, rank: int = RANK, n_prompts: int = 6) -> Path:
     steps = steps or STEPS
-    min_rank = max(1, rank // 2)
+    min_rank = max(1, rank // 4)
     model, world = default_model(WORLD), WORLDS[WORLD]
     if not (model / "model_index.json").is_file():
         raise UsageError(f"the toy-world model is missing from {model}; reinstall tlora")
@@ -38,19 +42,19 @@ def run_demo(out: Path, steps: int = None, rank: int = RANK, n_prompts: int = 6)
     reference = world.render(concept)
     rows = [reference] + [world.render(s) for s in scenes]
     report = {}
-    for method in (LORA, tlora_method(min_rank)):
-        label = "T-LoRA" if method.masked else "LoRA"
-        weights = personalise(model, concept, method, rank, steps, seed=0, out=out / label, lr=LR, world=world)
+    runs = (("LoRA", LORA, LR), ("T-LoRA", tlora_method(min_rank), LR), ("LoRA-gentle", LORA, GENTLE_LR))
+    for label, method, lr in runs:
+        weights = personalise(model, concept, method, rank, steps, seed=0, out=out / label, lr=lr, world=world)
         images = sample(pipe, weights, scenes, world, seed=0)
-        report[label] = score(images, scenes, concept, world)
+        report[f"{label} (lr {lr:g})"] = score(images, scenes, concept, world)
         rows += [reference] + list(images)
     sheet = contact_sheet(rows, cols=n_prompts + 1)
     sheet = sheet.resize((sheet.width * 4, sheet.height * 4), Image.Resampling.NEAREST)
     path = out / "lora-vs-tlora.png"
     save_png(sheet, path)
     print(f"concept: {concept.colour} {concept.shape} (never seen in pretraining), trained as "
-          f"\"{world.prompt(concept)}\"; rank {rank} (T-LoRA Rmin {min_rank}), lr {LR:g}, {steps} steps each")
+          f"\"{world.prompt(concept)}\"; rank {rank} (T-LoRA Rmin {min_rank}), {steps} steps each")
     for label, s in report.items():
-        print(f"  {label:<7} text alignment {s['text_alignment']:.2f}  shape IoU {s['shape_iou']:.2f}  "
+        print(f"  {label:<24} text alignment {s['text_alignment']:.2f}  shape IoU {s['shape_iou']:.2f}  "
               f"colour distance {s['colour_distance']:.2f}")
     return path
