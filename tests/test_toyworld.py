@@ -101,7 +101,6 @@ def test_shipped_models_load_with_stock_diffusers_and_are_small(world):
     assert world_of(path) is WORLDS[world]
     info = json.loads((path / "toyworld.json").read_text())
     assert info["caption_following"][WORLDS[world].prompt_key] >= 0.5
-    assert info["train_seconds"] <= 30 * 60
 
 
 def test_quick_study_runs_and_its_report_is_recomputed_from_its_log(tmp_path):

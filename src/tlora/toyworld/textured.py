@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .world import (CLASS_WORD, COLOURS, NEW_SHAPES, PLACEHOLDER, POSITIONS, SHAPES, SIZE, SIZES, Measured, Scene,
-                    render)
+from .world import (CLASS_WORD, COLOURS, NEW_SHAPES, PLACEHOLDER, POSITIONS, SHAPES, SIZE, Measured, Scene, render,
+                    vocabulary)
 
 PATTERNS = ("plain", "striped", "checked")
 BAND = 4                     # pixels per stripe / check
@@ -148,10 +148,8 @@ class TexturedWorld:
 
     @staticmethod
     def vocabulary() -> list[str]:
-        words = {"a", "on", "background,", "at", "the", "and", CLASS_WORD, PLACEHOLDER, *PATTERNS}
-        for s in (*SHAPES, *NEW_SHAPES, *COLOURS, *SIZES, *POSITIONS):
-            words.update(s.split())
-        return sorted(words)
+        """The flat world's words, the patterns and "and"."""
+        return sorted(set(vocabulary()) | {"and", *PATTERNS})
 
     @staticmethod
     def prompt(scene: TexturedScene) -> str:
