@@ -241,8 +241,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, help="training steps per method (default: the demo's recipe, tlora.demo.STEPS)")
-    p.add_argument("--rank", type=int, default=64, help="adapter rank of both methods (default 64)")
+    p.add_argument("--steps", type=int, help="training steps per adapter (default 200, the demo's recipe)")
+    p.add_argument("--rank", type=int, default=64, help="rank of all three adapters (default 64; T-LoRA's Rmin is rank / 4)")
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
