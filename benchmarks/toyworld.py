@@ -221,7 +221,11 @@ def main(argv=None) -> int:
     if any(not 0 <= x <= 1 for x in a.levels or ()):
         ap.error("--levels must be in [0, 1]")
     if a.from_log:
-        header, points = read_log(Path(a.from_log))
+        try:
+            header, points = read_log(Path(a.from_log))
+            curves(points)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            ap.error(f"--from-log {a.from_log}: not a readable study log ({type(e).__name__}: {e})")
         levels = a.levels or header.get("levels") or list(LEVELS)
         print(write_outputs(header, points, Path(a.out), Path(a.plot), levels))
         return 0

@@ -293,3 +293,17 @@ def test_the_published_study_follows_from_its_log_and_the_readme_quotes_it(tmp_p
     a = np.asarray(Image.open(root / "benchmarks" / "toyworld.png").convert("RGB"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "again.png").convert("RGB"), dtype=np.int16)
     assert a.shape == b.shape and (np.abs(a - b).max(-1) > 16).mean() < 0.01
+
+
+@pytest.mark.parametrize("content", [None, "not json\n", '{"worlds": ["flat"]}\n{"method": "LoRA"}\n'])
+def test_from_log_refuses_a_bad_log_in_one_line_and_writes_nothing(tmp_path, capsys, content):
+    from benchmarks.toyworld import main
+    log = tmp_path / "points.jsonl"
+    if content is not None:
+        log.write_text(content)
+    out, plot = tmp_path / "tw.md", tmp_path / "tw.png"
+    with pytest.raises(SystemExit) as e:
+        main(["--from-log", str(log), "--out", str(out), "--plot", str(plot)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--from-log" in err
+    assert not out.exists() and not plot.exists()
