@@ -131,24 +131,52 @@ def _read_state_json(path: Path) -> dict:
 
 
 def _optimizer_to_files(opt_state: dict) -> tuple[Dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, st in opt_state["state"].items():
+    """Tensors (``opt.<param index>.<name>``; nested state dicts, as bitsandbytes' 8-bit optimizers keep, as
+    ``<name>.<key>``) for the safetensors file; everything else for the JSON."""
+    tensors, scalars, storages = {}, {}, set()
+
+    def split(prefix: str, st: dict) -> dict:
+        rest = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+                t = v.detach().cpu().contiguous()
+                if t.untyped_storage().data_ptr() in storages:    # bitsandbytes shares its quantile maps
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+                tensors[f"{prefix}.{k}"] = t
+            elif isinstance(v, dict):
+                sub = split(f"{prefix}.{k}", v)
+                if sub or not v:
+                    rest[k] = sub
             else:
-                scalars.setdefault(str(idx), {})[k] = v
+                rest[k] = v
+        return rest
+    for idx, st in opt_state["state"].items():
+        rest = split(f"opt.{idx}", st)
+        if rest:
+            scalars[str(idx)] = rest
     return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+            _, idx, *path = key.split(".")
+            node = state.setdefault(int(idx), {})
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = v
     for idx, st in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(st)
+        _merge(state.setdefault(int(idx), {}), st)
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 

@@ -44,6 +44,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}",
+                   help="load the denoiser quantized (int8: torchao by default; nf4: bitsandbytes, GPU only)")
+    p.add_argument("--quantization-backend", metavar="{torchao,quanto,bitsandbytes}",
+                   help="backend of --base-precision (default: torchao for int8, bitsandbytes for nf4)")
     p.add_argument("--no-mask", action="store_true", help="adapters at full rank at every step (for comparison)")
     p.add_argument("--out", help="output folder: PNGs, grid.png, generate.json")
     off = p.add_argument_group(
@@ -61,7 +65,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 OFFICIAL_INFERENCE_FLAGS = (("num_images_per_prompt", int, 5), ("batch_size", int, 1), ("num_inference_steps", int, 25),
                             ("guidance_scale", float, 5.0), ("version", int, 0))
 _OURS_ONLY = ("model", "weights", "out", "prompt", "prompts_file", "prompt_set", "negative_prompt", "num_images",
-              "steps", "guidance", "height", "width", "no_mask")
+              "steps", "guidance", "height", "width", "no_mask", "quantization_backend")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -87,7 +91,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
                          negative_prompt=a.negative_prompt, num_images=1 if a.num_images is None else a.num_images,
                          steps=25 if a.steps is None else a.steps,
                          guidance=a.guidance, seed=a.seed, multiplier=a.multiplier, height=a.height,
-                         width=a.width, dtype=a.dtype, device=a.device, mask=not a.no_mask)
+                         width=a.width, dtype=a.dtype, device=a.device, mask=not a.no_mask,
+                         base_precision=a.base_precision, quantization_backend=a.quantization_backend)
     out = run_generate(s)
     print(f"wrote {out}/grid.png and {out}/generate.json")
     return 0

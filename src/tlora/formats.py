@@ -29,6 +29,7 @@ from .families import FAMILIES
 from .fileio import read_mapping
 from .layers import FORMS
 from .network import TLoRANetwork
+from .quantize import dense_weight
 from .schedule import active_rank
 from .weights import (ModuleSpec, WeightsFileError, atomic_save_file, make_header, network_from_state, parse_header,
                       read, write_native)
@@ -103,18 +104,19 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
         if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1):
             raise ValueError(f"{path}: LyCORIS tlora on a {base.kernel_size} conv cannot be read "
                              "(LyCORIS applies a 1x1 kernel with the base padding; its own forward fails there)")
-        w2 = base.weight.detach().float().reshape(base.weight.shape[0], -1)
+        w = dense_weight(base).detach()                # a dequantized copy when the base is quantized
+        w2 = w.float().reshape(w.shape[0], -1)
         if "base_q" in g:
             q0, p0, lam0 = g["base_q"].float(), g["base_p"].float(), g["base_lambda"].float().reshape(-1)
         else:
             q0, p0, lam0, _ = Fn.svd_init(w2, rank, "principal", from_weight=True, method="exact")
             rederived += 1
         alpha = float(g["alpha"]) if "alpha" in g else float(lyc.get("linear_alpha", rank))
-        shape_q, shape_p = (rank, *base.weight.shape[1:]), (base.weight.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
+        shape_q, shape_p = (rank, *w.shape[1:]), (w.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
         out.update({f"{path}.q": q.reshape(shape_q), f"{path}.p": p.reshape(shape_p), f"{path}.lam": lam,
                     f"{path}.q0": q0.reshape(shape_q), f"{path}.p0": p0.reshape(shape_p), f"{path}.lam0": lam0})
         specs[path] = ModuleSpec("ortho", rank, alpha, min(min_rank, rank), float(exponent), "weight", "principal",
-                                 "exact", "conv2d" if q.dim() == 4 else "linear", tuple(base.weight.shape))
+                                 "exact", "conv2d" if q.dim() == 4 else "linear", tuple(w.shape))
     if rederived:
         warnings.warn(f"LyCORIS file has no frozen base tensors: Q0/P0/λ0 of {rederived} modules were rebuilt from the "
                       "SVD of the base weight (principal), as LyCORIS does; correct only for LyCORIS's default init",

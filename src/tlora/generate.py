@@ -23,6 +23,7 @@ from .families import DENOISER_ATTRS, denoiser_of, detect
 from .devices import check_device
 from .fileio import check_output, first_line, looks_like_hub_id, read_text, save_png, write_json
 from .masking import attach
+from .quantize import BasePrecision
 from .weights import WeightsFileError, read_header
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,8 @@ class GenerateSettings:
     device: str = "cpu"
     mask: bool = True
     seeds: List[int] = field(default_factory=list)
+    base_precision: str = "no"                   # the denoiser quantized: no | int8 | nf4 (tlora.quantize)
+    quantization_backend: Optional[str] = None
 
     def validate(self) -> None:
         if not self.prompts or not all(p.strip() for p in self.prompts):
@@ -68,6 +71,7 @@ class GenerateSettings:
         if not 0 <= self.seed < 2 ** 32:
             raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         check_device(self.device)
+        BasePrecision(self.base_precision, self.quantization_backend).check_runtime()
         check_output(self.out, "--out", folder=True)
 
 
@@ -79,8 +83,11 @@ def read_prompts_file(path: str) -> List[str]:
     return prompts
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline)."""
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  base: BasePrecision = BasePrecision(), denoiser_dtype: Optional[torch.dtype] = None):
+    """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline). ``base``: the
+    denoiser loaded quantized through diffusers' ``quantization_config`` (:mod:`tlora.quantize`; checked with
+    ``check_runtime`` by the caller); ``denoiser_dtype``: its compute dtype (default ``dtype``)."""
     local = Path(model)
     if not local.exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
@@ -88,6 +95,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         raise UsageError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     # diffusers 0.36 renamed torch_dtype to dtype
     dkw = {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
+    if base.quantized or (denoiser_dtype is not None and denoiser_dtype != dtype):
+        attr = _denoiser_attr(model)
+        dkw = {next(iter(dkw)): {attr: denoiser_dtype or dtype, "default": dtype}}
+        if base.quantized:
+            dkw["quantization_config"] = base.pipeline_config(attr, denoiser_dtype or dtype)
     try:
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(model, **dkw)
@@ -101,6 +113,18 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         raise UsageError(f"cannot load model {model}: {first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _denoiser_attr(model: str) -> str:
+    """``unet`` or ``transformer``: where the pipeline's model_index.json keeps its denoiser."""
+    try:
+        index = DiffusionPipeline.load_config(model)
+    except Exception as e:
+        raise UsageError(f"cannot load model {model}: {first_line(e)}") from None
+    for attr in DENOISER_ATTRS:
+        if index.get(attr) and index[attr][1]:
+            return attr
+    raise UsageError(f"{model} has no unet or transformer")
 
 
 def load_denoiser(model: str):
@@ -160,7 +184,7 @@ def run_generate(s: GenerateSettings) -> Path:
             header = read_header(s.weights)
         except WeightsFileError as e:
             raise UsageError(str(e)) from None
-    pipe = load_pipeline(s.model, DTYPES[s.dtype], s.device)
+    pipe = load_pipeline(s.model, DTYPES[s.dtype], s.device, BasePrecision(s.base_precision, s.quantization_backend))
     family = detect(denoiser_of(pipe))
     guidance = s.guidance if s.guidance is not None else family.guidance
     handle = None

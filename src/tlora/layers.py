@@ -23,10 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as Fn
+from .quantize import dense_weight, is_quantized
 from .schedule import RankSchedule
 
 INITS = ("random", "weight")
 ADAPTER_ATTR = "tlora_adapter"
+QUANTIZED_MERGE = ("cannot merge into a quantized base weight (int8 / nf4): load the base unquantized "
+                   "(base_precision no) to merge, or keep the adapter attached")
 FOLD_PASS_RANKS = 8    # one pass over a weight (read + write) costs about as much as folding 8 ranks into it
 
 
@@ -165,7 +168,9 @@ class TLoRAAdapter(nn.Module):
         self.is_conv = isinstance(base, nn.Conv2d)
         object.__setattr__(self, "_base", base)  # a reference, not a child: the base owns the adapter
 
-        w = base.weight.detach()
+        self.quantized_base = is_quantized(base)                 # frozen weight stored int8 / nf4: never folded
+        w = dense_weight(base).detach()                           # a dequantized copy for a quantized base
+        self.weight_shape = tuple(w.shape)
         self.down_shape = (rank, *w.shape[1:])                     # (R, in) or (R, in, kh, kw)
         self.up_shape = (w.shape[0], rank) + ((1, 1) if self.is_conv else ())
         self.form: Variant = FORMS[variant]
@@ -267,8 +272,8 @@ class TLoRAAdapter(nn.Module):
 
     def delta_weight(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """multiplier · scale · ΔW in the base weight's shape, float32. ``mask`` (R,) or None (full rank)."""
-        d = self.form.delta_weight(self._tensors(), self.rank, self._base.weight.shape[0], mask)
-        return (d * (self.scale * self.multiplier)).reshape(self._base.weight.shape)
+        d = self.form.delta_weight(self._tensors(), self.rank, self.weight_shape[0], mask)
+        return (d * (self.scale * self.multiplier)).reshape(self.weight_shape)
 
     def orthogonality_loss(self) -> torch.Tensor:
         """‖PᵀP − I‖² + ‖QQᵀ − I‖² (ortho only; 0 for vanilla)."""
@@ -322,10 +327,11 @@ class TLoRAAdapter(nn.Module):
     @torch.no_grad()
     def before_forward(self, x: torch.Tensor) -> None:
         """The fold pre-hook: fold (or unfold) for this call, by its rank and shapes. Weights that are not there
-        (``meta``: accelerate's sequential CPU offload loads them inside the forward) are never folded."""
+        (``meta``: accelerate's sequential CPU offload loads them inside the forward) and quantized weights are
+        never folded: the adapter runs unmerged beside them."""
         r = self._call_rank()
         if r is None or self.merged or self.multiplier == 0.0 or torch.is_grad_enabled() or \
-                self._base.weight.device.type == "meta":
+                self.quantized_base or self._base.weight.device.type == "meta":
             self.unfold()
             self._use_fold = False
             return
@@ -364,9 +370,12 @@ class TLoRAAdapter(nn.Module):
     # -- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the full-rank delta into the base weight (the mask can no longer act)."""
+        """Fold the full-rank delta into the base weight (the mask can no longer act). A quantized base is refused
+        (ValueError): its weight cannot hold the delta without re-quantizing it."""
         if self.merged:
             return
+        if self.quantized_base:
+            raise ValueError(QUANTIZED_MERGE)
         self.unfold()
         w = self._base.weight
         self._backup = w.detach().clone()

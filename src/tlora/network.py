@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from .config import TLoRAConfig
-from .layers import ADAPTER_ATTR, TLoRAAdapter
+from .layers import ADAPTER_ATTR, QUANTIZED_MERGE, TLoRAAdapter
+from .quantize import weight_shape
 from .schedule import RankSchedule, Timesteps, mask_from_ranks
 
 
@@ -81,6 +82,9 @@ class TLoRANetwork:
             a.multiplier = float(value)
 
     def merge(self) -> None:
+        """Merge every adapter into its base weight; a quantized base refuses before any weight changes."""
+        if any(a.quantized_base for a in self.adapters.values()):
+            raise ValueError(QUANTIZED_MERGE)
         for a in self.adapters.values():
             a.merge()
 
@@ -217,7 +221,8 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
         if hasattr(base, ADAPTER_ATTR):
             raise ValueError(f"{path} already has a T-LoRA adapter; remove() the other network first")
         kw = config.for_layer(keys, isinstance(base, nn.Conv2d))
-        size = min(base.weight.shape[0], base.weight[0].numel())
+        shape = weight_shape(base)
+        size = min(shape[0], shape[1:].numel())
         if kw["variant"] == "ortho" and kw["rank"] > size:
             # an orthonormal Q (r × in) needs r ≤ in: narrow layers get the largest rank they can hold,
             # with a schedule of their own (never a mask padded with ones)

@@ -171,6 +171,11 @@ class Run:
     embedder: Optional[object]
 
     @property
+    def quantized(self) -> bool:
+        """The denoiser's weights are stored quantized (``base_precision``): loaded in its compute dtype."""
+        return self.cfg.base().quantized
+
+    @property
     def spec(self) -> TrainingSpec:
         return TRAINING[self.family.name]
 
@@ -214,7 +219,9 @@ def setup(cfg: TrainConfig) -> Run:
     check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
     if cfg.class_data_dir:
         check_images(find_images(cfg.class_data_dir, what="class_data_dir"))
-    pipe = load_pipeline(cfg.model)                       # float32 on the CPU; moved below
+    base = cfg.base().check_runtime()                      # the backend is installed and runs here
+    # float32 on the CPU, moved and cast in prepare_training; a quantized denoiser loads in its compute dtype
+    pipe = load_pipeline(cfg.model, base=base, denoiser_dtype=weight_dtype(cfg) if base.quantized else None)
     den = denoiser_of(pipe)
     family = detect(den)
     if family.name not in TRAINING:
@@ -304,16 +311,21 @@ def _optimizer_class(name: str):
     return bnb.optim.AdamW8bit
 
 
+def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The frozen denoiser's compute dtype (``mixed_precision``); adapters stay float32."""
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+
+
 def prepare_training(run: Run, acc: Accelerator) -> Optimization:
     """Freeze and move the denoiser (adapters stay float32), build the optimizer and lr schedule, resume."""
     cfg, den = run.cfg, run.den
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    dtype = weight_dtype(cfg)
     scheduler = run.family.training.scheduler(run.pipe.scheduler)
     prediction_type = cfg.prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
     den.requires_grad_(False)
     den.to(acc.device)
-    if weight_dtype != torch.float32:   # a same-dtype .to(dtype) makes diffusers warn about float32 modules
-        den.to(dtype=weight_dtype)      # adapters stay float32 (TLoRAAdapter._apply)
+    if dtype != torch.float32 and not run.quantized:   # a same-dtype .to(dtype) makes diffusers warn about float32
+        den.to(dtype=dtype)                            # modules; adapters stay float32 (TLoRAAdapter._apply)
     for p in run.network.parameters():
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -332,7 +344,7 @@ def prepare_training(run: Run, acc: Accelerator) -> Optimization:
             start = ckpt.load_checkpoint(run.resume_from, run.network, optimizer, lr_scheduler, gen)
         except (ValueError, KeyError, RuntimeError) as e:
             raise UsageError(f"cannot resume from {run.resume_from}: {first_line(e)}") from None
-    return Optimization(den, params, optimizer, lr_scheduler, gen, scheduler, prediction_type, weight_dtype, start,
+    return Optimization(den, params, optimizer, lr_scheduler, gen, scheduler, prediction_type, dtype, start,
                         acc.process_index)
 
 

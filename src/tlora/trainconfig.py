@@ -21,6 +21,7 @@ from .config import TLoRAConfig, check_fields
 from .devices import check_device
 from .errors import UsageError
 from .fileio import read_mapping
+from .quantize import BasePrecision
 
 
 # diffusers.optimization.SchedulerType's values (a test keeps the two equal); not imported: --help stays fast
@@ -51,6 +52,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = "no"                  # no | bf16 | fp16 (adapters stay float32)
+    base_precision: str = "no"                   # frozen denoiser weights: no | int8 | nf4 (tlora.quantize)
+    quantization_backend: Optional[str] = None   # torchao | quanto | bitsandbytes; None → the precision's default
     gradient_checkpointing: bool = False
     seed: int = 0
     prediction_type: Optional[str] = None        # DDPM families: epsilon | v_prediction; None → scheduler's
@@ -105,6 +108,7 @@ class TrainConfig:
         check_device(self.device, "device")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UsageError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        self.base().resolved()
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise UsageError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -115,6 +119,10 @@ class TrainConfig:
             raise UsageError("best_metric DINO_IS needs eval_dino_model")
         if self.ortho_reg_weight < 0:
             raise UsageError(f"ortho_reg_weight must be >= 0, got {self.ortho_reg_weight}")
+
+    def base(self) -> BasePrecision:
+        """How the frozen denoiser is stored (:class:`tlora.quantize.BasePrecision`)."""
+        return BasePrecision(self.base_precision, self.quantization_backend)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -251,7 +259,7 @@ SIMPLETUNER_KEYS = {
 }
 SIMPLETUNER_HANDLED = {"model_type", "lora_type", "lycoris_config", "validation_prompt", "validation_prompts",
                        "data_backend_config", "num_train_epochs", "optimizer", "use_8bit_adam", "model_family",
-                       "instance_prompt", "user_prompt_library", "validation_resolution"}
+                       "instance_prompt", "user_prompt_library", "validation_resolution", "base_model_precision"}
 
 
 def is_simpletuner(d: dict) -> bool:
@@ -261,7 +269,7 @@ def is_simpletuner(d: dict) -> bool:
 
 SIMPLETUNER_TYPES = {"model_type": str, "lora_type": str, "lycoris_config": str, "data_backend_config": str,
                      "instance_prompt": str, "optimizer": str, "model_family": str, "num_train_epochs": int,
-                     "use_8bit_adam": bool}
+                     "use_8bit_adam": bool, "base_model_precision": str}
 
 
 def _check_simpletuner_types(d: dict) -> None:
@@ -311,6 +319,9 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
         out["data_dir"] = _data_dir_from_backend(_resolve(d["data_backend_config"], base_dir), base_dir)
     if "instance_prompt" in d:
         out["prompt_template"] = d["instance_prompt"]
+    if "base_model_precision" in d:          # int8-torchao, nf4-bnb, …: (precision, backend)
+        bp = BasePrecision.from_simpletuner(d["base_model_precision"])
+        out["base_precision"], out["quantization_backend"] = bp.precision, bp.backend
     if d.get("use_8bit_adam") or "8bit" in str(d.get("optimizer", "")):
         out["optimizer"] = "adamw8bit"
     if out.get("mixed_precision") == "no" or out.get("mixed_precision") is None:

@@ -64,7 +64,7 @@ class ModuleSpec:
     def of(cls, a: TLoRAAdapter) -> "ModuleSpec":
         s = a.schedule
         return cls(a.variant, a.rank, a.alpha, s.min_rank, s.exponent, a.init, a.sig_type, a.svd,
-                   "conv2d" if a.is_conv else "linear", tuple(a.base_layer.weight.shape))
+                   "conv2d" if a.is_conv else "linear", a.weight_shape)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModuleSpec":
