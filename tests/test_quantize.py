@@ -34,7 +34,7 @@ def masked_grads_of(network, t):
     return rows
 
 
-@pytest.mark.parametrize("family,backend", [("sd15", None), ("sdxl", None), ("flux", None), ("sd15", "quanto")])
+@pytest.mark.parametrize("family,backend", [("sd15", None), ("sdxl", None), ("flux", None), ("sd15", "torchao")])
 def test_three_steps_on_an_int8_base(models, data, tmp_path, family, backend):
     seen, losses, kinds = {}, [], set()
 
@@ -45,7 +45,7 @@ def test_three_steps_on_an_int8_base(models, data, tmp_path, family, backend):
                   batch_size=4, gradient_checkpointing=True, validation_steps=0,
                   tlora=tlora.TLoRAConfig(rank=8, min_rank=1, target_module=()))
     final = train(cfg, on_grads=on_grads, on_step=lambda s, l: losses.append(l))
-    assert kinds == {"Int8Tensor" if backend is None else "WeightQBytesTensor"}     # trained on the int8 weights
+    assert kinds == {"WeightQBytesTensor" if backend is None else "Int8Tensor"}     # trained on the int8 weights
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     partial = [s for s, rows in seen.items() if rows[0][0] < 8]
     assert partial, "no step had masked ranks"
@@ -115,7 +115,7 @@ def test_adapter_on_a_quantized_layer_equals_it_on_the_dequantized_layer(models,
 
 def test_merge_and_fold_never_touch_a_quantized_weight(models):
     _layer_pair.model = models["sd15"]
-    q, _ = _layer_pair("torchao")
+    q, _ = _layer_pair("quanto")
     net = tlora.inject(nn.ModuleDict({"l": q}), tlora.TLoRAConfig(rank=4, target_name=("l",)))
     perturb(net.adapters["l"])
     before = dense_weight(q).clone()
@@ -174,9 +174,8 @@ def test_bad_precision_or_backend_is_one_line_exit_2_nothing_written(models, dat
 
 
 @pytest.mark.parametrize("module,flags,match", [
-    ("torchao", ["--set", "base_precision=int8"], "needs the package torchao: pip install torchao"),
-    ("optimum.quanto", ["--set", "base_precision=int8", "--set", "quantization_backend=quanto"],
-     "pip install optimum-quanto"),
+    ("optimum.quanto", ["--set", "base_precision=int8"], "needs the package optimum-quanto: pip install optimum-quanto"),
+    ("torchao", ["--set", "base_precision=int8", "--set", "quantization_backend=torchao"], "pip install torchao"),
 ])
 def test_a_backend_that_is_not_installed_is_one_line(models, data, tmp_path, capsys, monkeypatch, module, flags,
                                                      match):
@@ -195,7 +194,7 @@ def test_nf4_on_a_cpu_only_machine_is_refused_in_one_line(models, data, tmp_path
                                                  "output_dir": str(tmp_path / "out"), "base_precision": "nf4"}))
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "needs a GPU" in err and "use base_precision int8" in err, err
+    assert len(err.splitlines()) == 1 and "needs a GPU" in err and "use base_precision int8 (quanto)" in err, err
     assert not (tmp_path / "out").exists()
     assert main(["generate", "--model", models["sd15"], "--weights", __file__, "--prompt", "x",
                  "--out", str(tmp_path / "g"), "--base-precision", "nf4"]) == 2
@@ -206,8 +205,8 @@ def test_nf4_config_is_diffusers_bitsandbytes_qlora_recipe():
     cfg = BasePrecision("nf4").diffusers_config(torch.bfloat16)
     assert type(cfg).__name__ == "BitsAndBytesConfig"
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_compute_dtype == torch.bfloat16
-    assert type(BasePrecision("int8").diffusers_config()).__name__ == "TorchAoConfig"
-    assert type(BasePrecision("int8", "quanto").diffusers_config()).__name__ == "QuantoConfig"
+    assert type(BasePrecision("int8").diffusers_config()).__name__ == "QuantoConfig"
+    assert type(BasePrecision("int8", "torchao").diffusers_config()).__name__ == "TorchAoConfig"
 
 
 @pytest.mark.parametrize("value,expect", [("int8-torchao", ("int8", "torchao")), ("int8-quanto", ("int8", "quanto")),

@@ -4,19 +4,25 @@ Adapters stay float32 and attach to a quantized linear layer exactly as to a pla
 layer, :mod:`tlora.layers`); only the frozen weights shrink. Quantization is diffusers' own: the denoiser is loaded
 with a ``quantization_config`` (:meth:`BasePrecision.pipeline_config`), nothing here quantizes by hand.
 
-| precision | backend (default first)       | diffusers config                              | runs on                      |
-|-----------|-------------------------------|-----------------------------------------------|------------------------------|
-| no        | —                             | —                                             | everywhere                   |
-| int8      | torchao                       | ``TorchAoConfig(Int8WeightOnlyConfig())``     | CPU, CUDA (plain PyTorch ops)|
-| int8      | quanto                        | ``QuantoConfig(weights_dtype="int8")``        | CPU, CUDA, MPS               |
-| int8      | bitsandbytes                  | ``BitsAndBytesConfig(load_in_8bit=True)``     | GPU (diffusers refuses CPU)  |
-| nf4       | bitsandbytes                  | ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` | GPU (the QLoRA recipe) |
+| precision | backend (default first) | diffusers config                               | runs on                      |
+|-----------|-------------------------|------------------------------------------------|------------------------------|
+| no        | —                       | —                                              | everywhere                   |
+| int8      | quanto                  | ``QuantoConfig(weights_dtype="int8")``         | CPU, CUDA, MPS               |
+| int8      | torchao                 | ``TorchAoConfig(Int8WeightOnlyConfig())``      | CPU, CUDA                    |
+| int8      | bitsandbytes            | ``BitsAndBytesConfig(load_in_8bit=True)``      | GPU (diffusers refuses CPU)  |
+| nf4       | bitsandbytes            | ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` | GPU (the QLoRA recipe) |
 
-Why torchao is the int8 default: it is the PyTorch team's quantization library, released alongside PyTorch; its
-int8 weight-only tensors run through plain PyTorch ops on any device (checked here on the CPU: load, sample and
-backward through a quantized UNet and Flux transformer); SimpleTuner's own docs steer users from quanto to it.
-quanto stays available (SimpleTuner's ``int8-quanto``). NF4 exists only in bitsandbytes, whose diffusers
-integration requires a GPU (CUDA, XPU or MPS): on a CPU-only machine ``nf4`` is refused in one line.
+Why quanto is the int8 default, measured here on tiny models (tests/test_quantize.py, tests/test_memory.py): of
+the three it is the one whose int8 linear layer runs on the CPU as well as on CUDA and MPS *and* keeps only the
+int8 weight for the backward (its own autograd function saves the input and the quantized weight). torchao is the
+better-kept library (the PyTorch team's, released with PyTorch; diffusers marks ``QuantoConfig`` deprecated, to be
+removed in diffusers 1.0), but its stable int8 weight-only layout computes ``linear(x, dequantize(w))`` under
+autograd, which saves a dequantized copy of every weight it runs for the backward: with gradient checkpointing that
+is one block's weights at a time, without it the whole denoiser again in the compute dtype. Its training layout
+(``int8_weight_only_quantized_training``, SimpleTuner's ``int8-torchao``) saves the int8 weight but is a prototype
+whose backward fails on UNets here (``view`` of a non-contiguous gradient). When diffusers drops quanto, torchao
+becomes the default. NF4 exists only in bitsandbytes, whose diffusers integration requires a GPU (CUDA, XPU or
+MPS): on a CPU-only machine ``nf4`` is refused in one line.
 
 SimpleTuner's ``base_model_precision`` maps onto (precision, backend): :data:`SIMPLETUNER_PRECISIONS`.
 """
@@ -33,8 +39,9 @@ from .errors import UsageError
 
 PRECISIONS = ("no", "int8", "nf4")
 BACKENDS = ("torchao", "quanto", "bitsandbytes")
-DEFAULT_BACKEND = {"int8": "torchao", "nf4": "bitsandbytes"}
-COMBINATIONS = {"int8": ("torchao", "quanto", "bitsandbytes"), "nf4": ("bitsandbytes",)}
+DEFAULT_BACKEND = {"int8": "quanto", "nf4": "bitsandbytes"}
+COMBINATIONS = {"int8": ("quanto", "torchao", "bitsandbytes"), "nf4": ("bitsandbytes",)}
+SAVES_DENSE_COPY = {"torchao"}     # backends whose linear keeps a dequantized weight for the backward (tlora.memory)
 SIMPLETUNER_PRECISIONS = {"no_change": ("no", None), "int8-torchao": ("int8", "torchao"),
                           "int8-quanto": ("int8", "quanto"), "nf4-bnb": ("nf4", "bitsandbytes")}
 _IMPORT = {"torchao": "torchao", "quanto": "optimum.quanto", "bitsandbytes": "bitsandbytes"}
@@ -85,8 +92,8 @@ class BasePrecision:
             raise UsageError(f"base_precision {bp.precision} through {bp.backend} needs the package "
                              f"{_PIP[bp.backend]}: pip install {_PIP[bp.backend]}")
         if bp.backend == "bitsandbytes" and not _has_gpu():
-            other = "; on the CPU use base_precision int8 (torchao)" if bp.precision == "nf4" else \
-                "; on the CPU use quantization_backend torchao or quanto"
+            other = "; on the CPU use base_precision int8 (quanto)" if bp.precision == "nf4" else \
+                "; on the CPU use quantization_backend quanto or torchao"
             raise UsageError(f"base_precision {bp.precision} through bitsandbytes needs a GPU (CUDA, XPU or MPS): "
                              f"diffusers' bitsandbytes integration refuses the CPU{other}")
         return bp
