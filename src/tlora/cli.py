@@ -19,6 +19,7 @@ from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
 from .fileio import atomic_write, check_output
 from .formats import read_state, summary, write_state
 from .processors import use_pil_image_processors
+from .quantize import import_backends
 from .schedule import RankSchedule
 from .trainconfig import OFFICIAL_FLAGS, load_config
 from .weights import WeightsFileError, network_from_state
@@ -195,6 +196,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key (nested: tlora.rank=16); repeatable")
     p.add_argument("--resume", help="latest | path to a checkpoint-N folder")
     p.add_argument("--device", help="cpu to force the CPU")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, print the expected peak memory (tlora memory) and exit; writes nothing")
     off = p.add_argument_group("official T-LoRA flags (ControlGenAI/T-LoRA train.py)")
     for flag, typ in OFFICIAL_FLAGS.items():
         off.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
@@ -208,6 +211,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     sets = list(a.set) + ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
         ([f"device={json.dumps(a.device)}"] if a.device else [])
     cfg = load_config(a.config, sets, official or None)
+    if a.dry_run:
+        return _print_estimate(cfg.model, cfg.tlora, cfg.resolution, cfg.batch_size, cfg.gradient_checkpointing,
+                               cfg.mixed_precision, cfg.base_precision, cfg.quantization_backend, cfg.optimizer)
     try:
         final = train(cfg)
     except TrainingError as e:
@@ -241,6 +247,49 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
                              a.batch_size, a.device)
     print(format_table(report))
     print(f"wrote {a.out}")
+    return 0
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a denoiser config.json, a diffusers model folder or hub id (only "
+                   "its config is read), or a shipped config: flux1-dev, sd3-medium, sdxl-base")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--min-rank", type=int, help="T-LoRA's Rmin (no effect on memory; default rank / 2)")
+    p.add_argument("--variant", choices=["ortho", "vanilla"], default="ortho")
+    p.add_argument("--resolution", type=int, help="square training resolution (default: the family's native)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16")
+    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}")
+    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+
+
+def _cmd_memory(a: argparse.Namespace) -> int:
+    from .config import TLoRAConfig
+    if a.rank <= 0 or a.batch <= 0:
+        raise UsageError(f"--rank and --batch must be > 0, got {a.rank} and {a.batch}")
+    try:
+        tl = TLoRAConfig(rank=a.rank, min_rank=a.min_rank or max(a.rank // 2, 1), variant=a.variant, target_module=())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return _print_estimate(a.model, tl, a.resolution, a.batch, a.checkpointing, a.mixed_precision, a.base_precision,
+                           a.quantization_backend, a.optimizer)
+
+
+def _print_estimate(model, tl, resolution, batch, checkpointing, mixed_precision, base_precision, backend,
+                    optimizer) -> int:
+    from . import memory   # diffusers: loaded when it runs
+    from .quantize import BasePrecision
+    base = BasePrecision(base_precision, backend).resolved()
+    if resolution is not None and (resolution <= 0 or resolution % 16):
+        raise UsageError(f"resolution must be a positive multiple of 16, got {resolution}")
+    e = memory.estimate(memory.read_denoiser_config(model), tl, resolution, batch, checkpointing, mixed_precision,
+                        base, optimizer)
+    label = (f"{model} ({e.family}), rank {tl.rank} {tl.variant}, {e.resolution}², batch {batch}, "
+             f"checkpointing {'on' if checkpointing else 'off'}, {mixed_precision}, base {base}, {optimizer}")
+    print("\n".join(memory.table([(label, e)])))
+    print(f"expected peak: {e.total / 2 ** 30:.2f} GiB (tensors only; the CUDA context and allocator slack come on top)")
     return 0
 
 
@@ -292,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="IS, DINO-IS and TS of generated images (the paper's metrics)")
     _evaluate_args(e)
     e.set_defaults(func=_cmd_evaluate)
+    m = sub.add_parser("memory", help="expected training memory from a model's config (meta device, no weights)",
+                       description="Expected peak memory of one training step: frozen weights (at the base "
+                       "precision), adapter, gradients, optimizer state and saved activations, from the denoiser's "
+                       "config on the meta device; nothing is downloaded but the config, nothing allocated.")
+    _memory_args(m)
+    m.set_defaults(func=_cmd_memory)
     d = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
     _demo_args(d)
     d.set_defaults(func=_cmd_demo)
@@ -302,7 +357,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    use_pil_image_processors()   # after parsing: a bad argument or --help never waits for transformers
+    import_backends()            # after parsing (a bad argument or --help never waits for them), before anything
+    use_pil_image_processors()   # imports diffusers or transformers: their quantization backends' import notices
     import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise

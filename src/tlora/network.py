@@ -200,9 +200,10 @@ def find_targets(model: nn.Module, config: TLoRAConfig) -> Dict[str, list[str]]:
     return targets
 
 
-def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Optional[torch.Generator] = None
-           ) -> TLoRANetwork:
-    """Attach T-LoRA adapters to ``model`` (in place) and return the network that holds them.
+def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Optional[torch.Generator] = None,
+           init_weights: bool = True) -> TLoRANetwork:
+    """Attach T-LoRA adapters to ``model`` (in place) and return the network that holds them. ``init_weights``
+    False leaves the tensors zero (no SVD): for weights about to be loaded, or shapes only (the meta device).
 
     Raises ValueError when nothing matches, naming the targets and a few module classes of the model.
     """
@@ -229,7 +230,8 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
             clamped.append(path)
             kw.update(rank=size, min_rank=min(kw["min_rank"], size))
         adapters[path] = TLoRAAdapter(base, num_train_timesteps=config.num_train_timesteps,
-                                      multiplier=config.multiplier, generator=generator, **kw)
+                                      multiplier=config.multiplier, generator=generator,
+                                      init_weights=init_weights, **kw)
     if clamped:
         warnings.warn(f"{len(clamped)} layers are narrower than the ortho rank {config.rank} (first: {clamped[0]}); "
                       "their rank is clamped to the layer size", stacklevel=2)

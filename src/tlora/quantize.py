@@ -29,6 +29,8 @@ SimpleTuner's ``base_model_precision`` maps onto (precision, backend): :data:`SI
 from __future__ import annotations
 
 import importlib
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,6 +138,35 @@ def _installed(backend: str) -> bool:
 def _has_gpu() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
+
+
+# -- importing the backends ----------------------------------------------------------------------------------------
+# Loggers that announce, while a backend is imported, kernels this machine does not have (bitsandbytes' optional
+# "kernels" package, torchao's CUDA-only builds and the torch.compile registrations they make, diffusers' note that
+# follows): notices, at every start of every command, not problems of the run.
+IMPORT_NOTICE_LOGGERS = ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.quantizers")
+
+
+@contextmanager
+def _quiet(names=IMPORT_NOTICE_LOGGERS):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def import_backends() -> None:
+    """Import diffusers' quantizer registry (which imports every installed backend) and the backends now, with
+    their import-time notices muted; warnings they give later, while loading or running, pass as usual."""
+    with _quiet():
+        import diffusers.quantizers.auto  # noqa: F401
+        for backend in BACKENDS:
+            _installed(backend)
 
 
 # -- quantized layers ------------------------------------------------------------------------------------------
