@@ -11,10 +11,10 @@ are injected as training injects them, and one training forward runs on meta ten
   values, as bitsandbytes stores them);
 * **activations**: every storage autograd saves for the backward during that forward, counted once. Attention is
   counted as the fused kernels save it (q, k, v, output, log-sum-exp: what PyTorch's flash / memory-efficient
-  kernels keep), not as the L×L matrix of the math fallback. With gradient checkpointing, diffusers' checkpointed
-  blocks keep only their inputs; during the backward one block at a time is recomputed, so the peak is the saved
-  tensors outside blocks + every block's inputs + the largest block's own saved tensors. A backend that keeps a
-  dequantized weight for the backward (:data:`tlora.quantize.SAVES_DENSE_COPY`) adds that copy per linear layer.
+  kernels keep), not as the L×L matrix of the math fallback; a quantized linear layer keeps what its backend's
+  linear keeps (:data:`LINEAR_KEEPS`). With gradient checkpointing, diffusers' checkpointed blocks keep only their
+  inputs; during the backward one block at a time is recomputed, so the peak is the saved tensors outside blocks +
+  every block's inputs + the largest block's own saved tensors.
 
 Not counted: the transient buffers of single ops (an op's workspace, the gradient of the activation being
 back-propagated), the CUDA context and the caching allocator's slack — the measured GPU peak is above the estimate
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from .errors import UsageError
 from .fileio import first_line, looks_like_hub_id
 from .families import FAMILIES, TRAINING, detect
 from .network import inject
-from .quantize import SAVES_DENSE_COPY, BasePrecision
+from .quantize import BasePrecision
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}          # mixed_precision → bytes of the frozen weights
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}   # what each pipeline's encode_prompt returns
@@ -49,6 +50,11 @@ CONFIGS = Path(__file__).parent / "assets" / "configs"
 def _nf4(out_f: int, in_f: int, c: int) -> int:
     return math.ceil(out_f * in_f / 2) + math.ceil(out_f * in_f / 64) * 4      # packed 4-bit + fp32 absmax / 64
 
+
+# What a quantized linear layer keeps for the backward beyond a plain frozen linear (which keeps only its weight):
+# quanto's and bitsandbytes' own autograd functions keep the input; torchao's int8 layout computes
+# linear(x, dequantize(w)) under autograd, which keeps a dequantized copy of the weight (one per call).
+LINEAR_KEEPS = {"quanto": "input", "bitsandbytes": "input", "torchao": "dense weight"}
 
 QUANTIZED_BYTES = {   # (precision, backend) → bytes of an (out, in) linear weight, compute dtype of c bytes
     ("int8", "quanto"): lambda o, i, c: o * i + o * c,                   # int8 data + per-row scale
@@ -185,38 +191,67 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-class _AsFusedAttention(TorchFunctionMode):
+class _AsTrained(TorchFunctionMode):
+    """The meta forward's stand-ins for what the real kernels keep: scaled dot-product attention as the fused
+    kernels save it, and each frozen linear layer as its quantization backend's linear keeps it for the backward
+    (:data:`LINEAR_KEEPS`)."""
+
+    def __init__(self, saved: "SavedTensors", frozen: set, keeps: Optional[str]):
+        super().__init__()
+        self.saved, self.frozen, self.keeps = saved, frozen, keeps
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            kwargs = kwargs or {}
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
             return _FusedAttention.apply(q, k, v)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
+        if func is F.linear and self.keeps and id(args[1]) in self.frozen and args[0].requires_grad:
+            x, w = args[0], args[1]
+            self.saved.keep(x if self.keeps == "input" else torch.empty_like(w))
+        return out
+
+
+class Held:
+    """What a pack hook hands autograd instead of the tensor: alive exactly as long as the graph keeps the tensor
+    (a saved tensor whose node was never recorded, e.g. inside a function none of whose inputs needs a gradient,
+    is dropped at once and costs nothing)."""
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def unpack(self) -> torch.Tensor:
+        return self.tensor
 
 
 class SavedTensors:
-    """Storages autograd saves during a forward (each once, the model's own weights excluded), attributed to
-    the checkpointed block running when they were saved (None: outside every block)."""
+    """Storages the autograd graph keeps after a forward (each once, the model's own weights excluded), attributed
+    to the checkpointed block running when they were saved (None: outside every block)."""
 
     def __init__(self, model: nn.Module):
         self.skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-        self.by_block: Dict[Optional[int], Dict[int, int]] = {None: {}}
+        self.held: list = []                      # (weak reference to the Held, block, storage id, bytes)
+        self.pinned: list = []                    # stand-ins kept by the stand-in kernels themselves
         self.block_inputs: Dict[int, int] = {}
-        self.block_modules: list = []             # the module each checkpointed block ran, in order
         self.block: Optional[int] = None
         self.blocks = 0
 
-    def pack(self, t: torch.Tensor):
+    def pack(self, t: torch.Tensor) -> Held:
+        h = Held(t)
         st = t.untyped_storage()
         if st._cdata not in self.skip:
-            self.by_block.setdefault(self.block, {})[st._cdata] = st.nbytes()
-        return t
+            self.held.append((weakref.ref(h), self.block, st._cdata, st.nbytes()))
+        return h
+
+    def keep(self, t: torch.Tensor) -> None:
+        """Count ``t`` as kept for the backward by a kernel the meta forward stands in for."""
+        self.pinned.append(self.pack(t))
 
     def run_block(self, fn, *args, **kwargs):
         """diffusers' ``gradient_checkpointing_func``: runs the block as is, remembering what it keeps."""
         outer, self.block = self.block, self.blocks
         self.blocks += 1
-        self.block_modules.append(fn)
         for a in [*args, *kwargs.values()]:
             if isinstance(a, torch.Tensor):
                 st = a.untyped_storage()
@@ -227,21 +262,37 @@ class SavedTensors:
         finally:
             self.block = outer
 
+    def by_block(self) -> Dict[Optional[int], Dict[int, int]]:
+        """Block → {storage id: bytes} of what the graph still keeps (call while the forward's output lives)."""
+        out: Dict[Optional[int], Dict[int, int]] = {None: {}}
+        for ref, block, key, nbytes in self.held:
+            if ref() is not None:
+                out.setdefault(block, {})[key] = nbytes
+        return out
+
     def peak(self, checkpointing: bool) -> int:
-        everything = {k: v for d in self.by_block.values() for k, v in d.items()}
+        by_block = self.by_block()
+        everything = {k: v for d in by_block.values() for k, v in d.items()}
         if not checkpointing:
             return sum(everything.values())
-        outside = self.by_block[None]
+        outside = by_block[None]
         inputs = {k: v for k, v in self.block_inputs.items() if k not in outside}
         inner = [sum(v for k, v in d.items() if k not in outside and k not in inputs)
-                 for b, d in self.by_block.items() if b is not None]
+                 for b, d in by_block.items() if b is not None]
         return sum(outside.values()) + sum(inputs.values()) + max(inner, default=0)
 
 
 @contextmanager
-def _counting(saved: SavedTensors):
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), _AsFusedAttention():
+def _counting(saved: SavedTensors, frozen: set, keeps: Optional[str]):
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, Held.unpack), _AsTrained(saved, frozen, keeps):
         yield
+
+
+def with_family_targets(tl: TLoRAConfig, family: str) -> TLoRAConfig:
+    """``tl`` with the family's default targets when it names none (as ``tlora train`` resolves them)."""
+    if tl.target_module or tl.target_name or tl.module_algo_map:
+        return tl
+    return tl.replace(target_module=FAMILIES[family].target_module)
 
 
 # -- the estimate -------------------------------------------------------------------------------------------------
@@ -281,9 +332,7 @@ def estimate(config: dict, tlora: TLoRAConfig, resolution: Optional[int] = None,
     if family not in TEXT_TOKENS:
         raise UsageError(f"memory estimates cover {', '.join(TEXT_TOKENS)}; {family} is not one of them yet")
     resolution = resolution or FAMILIES[family].resolution
-    tl = tlora if (tlora.target_module or tlora.target_name or tlora.module_algo_map) else \
-        tlora.replace(target_module=FAMILIES[family].target_module)
-    network = inject(den, tl, init_weights=False)
+    network = inject(den, with_family_targets(tlora, family), init_weights=False)
     den.requires_grad_(False)
     for p in network.parameters():
         p.requires_grad_(True)
@@ -293,28 +342,15 @@ def estimate(config: dict, tlora: TLoRAConfig, resolution: Optional[int] = None,
         den.enable_gradient_checkpointing(gradient_checkpointing_func=saved.run_block)
     den.train()
     x, t, cond = training_inputs(den, family, batch, resolution, dtype, "meta", text_tokens)
-    with _counting(saved):
-        TRAINING[family].call(den, x, t, cond)
-    acts = saved.peak(gradient_checkpointing) + _dense_copies(den, base, dtype, saved, gradient_checkpointing)
+    bp = base.resolved()
+    frozen = {id(m.weight) for m in den.modules() if isinstance(m, nn.Linear)} if bp.quantized else set()
+    with _counting(saved, frozen, LINEAR_KEEPS.get(bp.backend)):
+        out = TRAINING[family].call(den, x, t, cond)
+    acts = saved.peak(gradient_checkpointing)          # while ``out`` holds the graph
+    del out
     adapter = sum(v.numel() * 4 for v in network.state_dict().values())
     return Estimate(family, resolution, weight_bytes(den, mixed_precision, base), adapter, sum(p.numel() * 4 for p in params),
                     optimizer_bytes(params, optimizer), acts)
-
-
-def _dense_copies(den: nn.Module, base: BasePrecision, dtype: torch.dtype, saved: SavedTensors,
-                  checkpointing: bool) -> int:
-    """A backend that saves a dequantized weight per linear layer for the backward: every linear weight, or with
-    checkpointing those of the largest checkpointed block (the one being recomputed)."""
-    bp = base.resolved()
-    if not bp.quantized or bp.backend not in SAVES_DENSE_COPY:
-        return 0
-    size = torch.tensor([], dtype=dtype).element_size()
-
-    def linears(m: nn.Module) -> int:
-        return sum(x.weight.numel() * size for x in m.modules() if isinstance(x, nn.Linear))
-    if not checkpointing:
-        return linears(den)
-    return max((linears(m) for m in saved.block_modules if isinstance(m, nn.Module)), default=0)
 
 
 def table(rows: list) -> list:

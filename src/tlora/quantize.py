@@ -43,7 +43,6 @@ PRECISIONS = ("no", "int8", "nf4")
 BACKENDS = ("torchao", "quanto", "bitsandbytes")
 DEFAULT_BACKEND = {"int8": "quanto", "nf4": "bitsandbytes"}
 COMBINATIONS = {"int8": ("quanto", "torchao", "bitsandbytes"), "nf4": ("bitsandbytes",)}
-SAVES_DENSE_COPY = {"torchao"}     # backends whose linear keeps a dequantized weight for the backward (tlora.memory)
 SIMPLETUNER_PRECISIONS = {"no_change": ("no", None), "int8-torchao": ("int8", "torchao"),
                           "int8-quanto": ("int8", "quanto"), "nf4-bnb": ("nf4", "bitsandbytes")}
 _IMPORT = {"torchao": "torchao", "quanto": "optimum.quanto", "bitsandbytes": "bitsandbytes"}

@@ -34,6 +34,7 @@ from .fileio import check_output, first_line, save_png, write_json
 from .formats import to_official
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
+from .memory import with_family_targets
 from .network import TLoRANetwork, inject
 from .trainconfig import TrainConfig
 
@@ -230,9 +231,7 @@ def setup(cfg: TrainConfig) -> Run:
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip(),
                                     what="class_data_dir") if cfg.class_data_dir else [])
-    tl = cfg.tlora
-    if not tl.target_module and not tl.target_name and not tl.module_algo_map:
-        tl = tl.replace(target_module=family.target_module)
+    tl = with_family_targets(cfg.tlora, family.name)
     try:
         network = inject(den, tl, generator=torch.Generator().manual_seed(cfg.seed))
     except ValueError as e:
