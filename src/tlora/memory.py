@@ -57,7 +57,7 @@ def _nf4(out_f: int, in_f: int, c: int) -> int:
 LINEAR_KEEPS = {"quanto": "input", "bitsandbytes": "input", "torchao": "dense weight"}
 
 QUANTIZED_BYTES = {   # (precision, backend) → bytes of an (out, in) linear weight, compute dtype of c bytes
-    ("int8", "quanto"): lambda o, i, c: o * i + o * c,                   # int8 data + per-row scale
+    ("int8", "quanto"): lambda o, i, c: o * i + o * c + 8,               # int8 data + row scale + 2 fp32 buffers
     ("int8", "torchao"): lambda o, i, c: o * i + o * 4 + o,              # int8 data + fp32 scale + int8 zero point
     ("int8", "bitsandbytes"): lambda o, i, c: o * i + o * 4,             # int8 data + fp32 row scale (SCB)
     ("nf4", "bitsandbytes"): _nf4,
