@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import weakref

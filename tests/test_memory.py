@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmarks import memory as bench
 from tlora import memory
