@@ -30,6 +30,8 @@ from tlora.generate import load_pipeline
 from tlora.quantize import BasePrecision
 from tlora.tiny import build_pipeline
 
+from . import device_of
+
 DEVICE = torch.device("cpu")
 TINY = ("sd15", "sdxl", "sd3", "flux")
 
@@ -140,18 +142,13 @@ def real_table() -> list:
 
 def main(argv=None) -> int:
     from tlora.errors import OneLineParser
-    from tlora.devices import check_device
-    from tlora.errors import UsageError
     from tlora.quantize import import_backends
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, measured with max_memory_allocated)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("memory.md")))
     a = ap.parse_args(argv)
     global DEVICE
-    try:
-        DEVICE = torch.device(check_device(a.device))
-    except UsageError as e:
-        ap.error(str(e))
+    DEVICE = device_of(ap, a.device)
     import_backends()
     import warnings
     warnings.filterwarnings("ignore")

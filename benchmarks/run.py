@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import device_of
+
 R = 64
 DEVICE = torch.device("cpu")        # set by --device
 
@@ -364,12 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
     a = ap.parse_args(argv)
     global DEVICE
-    from tlora.devices import check_device
-    from tlora.errors import UsageError
-    try:
-        DEVICE = torch.device(check_device(a.device))
-    except UsageError as e:
-        ap.error(str(e))
+    DEVICE = device_of(ap, a.device)
     reps = 3 if a.quick else 10
     from tlora.processors import use_pil_image_processors
     use_pil_image_processors()

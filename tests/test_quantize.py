@@ -18,7 +18,8 @@ from tlora.train import train
 from tlora.trainconfig import load_config
 
 from conftest import perturb
-from test_train import cfg_for, data, models  # noqa: F401  (session fixtures)
+from safetensors.torch import load_file
+from test_train import cfg_for, data, killed_at_3_then_resumed, models  # noqa: F401  (fixtures)
 
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
 
@@ -61,6 +62,22 @@ def test_three_steps_on_an_int8_base(models, data, tmp_path, family, backend):
         img = pipe("a sks toy", num_inference_steps=2, height=32, width=32, output_type="np",
                    generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and torch.isfinite(torch.as_tensor(img)).all()
+
+
+def test_generate_samples_masked_on_an_int8_base(models, data, tmp_path):
+    final = train(cfg_for(models["sd15"], data, tmp_path / "o", validation_steps=0, max_steps=1))
+    argv = ["generate", "--model", models["sd15"], "--weights", str(final), "--prompt", "a sks toy", "--steps", "2",
+            "--height", "32", "--width", "32", "--out"]
+    assert main(argv + [str(tmp_path / "q"), "--base-precision", "int8"]) == 0
+    assert main(argv + [str(tmp_path / "p")]) == 0
+    record = json.loads((tmp_path / "q" / "generate.json").read_text())
+    assert record["base_precision"] == "int8" and record["schedule"]["rank"] == 4
+    assert (tmp_path / "q" / "grid.png").is_file()
+    # int8 weights change the image a little (so they were used), not into something else
+    from PIL import Image
+    a = torch.tensor(list(Image.open(tmp_path / "q" / "0000-seed0.png").getdata()), dtype=torch.float32)
+    b = torch.tensor(list(Image.open(tmp_path / "p" / "0000-seed0.png").getdata()), dtype=torch.float32)
+    assert a.shape == b.shape and 0 < (a - b).abs().mean() < 2, (a - b).abs().mean()
 
 
 def _layer_pair(kind: str):
@@ -135,23 +152,10 @@ def test_merge_and_fold_never_touch_a_quantized_weight(models):
 def test_eight_bit_adam_trains_checkpoints_and_resumes_bit_identically_on_the_cpu(models, data, tmp_path):
     cfg = dict(optimizer="adamw8bit", validation_steps=0, max_steps=4, checkpointing_steps=2,
                tlora=tlora.TLoRAConfig(rank=64, variant="vanilla", target_module=()))
-    losses = []
-    straight = train(cfg_for(models["sd15"], data, tmp_path / "a", **cfg), on_step=lambda s, l: losses.append(l))
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    from safetensors.torch import load_file
+    straight, resumed = killed_at_3_then_resumed(models["sd15"], data, tmp_path, **cfg)
     state = load_file(tmp_path / "a" / "checkpoint-2" / "state.safetensors")
     eight = [k for k, v in state.items() if k.startswith("opt.") and v.dtype == torch.uint8]
     assert eight, "no optimizer state was stored in 8 bits"      # bitsandbytes' 8-bit state, not AdamW's float32
-
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 3:
-            raise Killed
-    with pytest.raises(Killed):
-        train(cfg_for(models["sd15"], data, tmp_path / "b", **cfg), on_step=kill)
-    resumed = train(cfg_for(models["sd15"], data, tmp_path / "b", resume="latest", **cfg))
     a, _ = tlora.weights.read(straight)
     b, _ = tlora.weights.read(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -98,10 +98,9 @@ def test_batch_4_with_gradient_checkpointing_masked_ranks_get_zero_gradient(mode
     assert any(active > 0 for rows in seen.values() for _, _, active in rows)
 
 
-def test_resume_after_kill_is_bit_identical(models, data, tmp_path):
-    cfg = dict(max_steps=5, checkpointing_steps=2, validation_steps=0, lr_scheduler="cosine",
-               tlora=tlora.TLoRAConfig(rank=4, target_module=()))
-    straight = train(cfg_for(models["sd15"], data, tmp_path / "a", **cfg))
+def killed_at_3_then_resumed(model, data, tmp_path, **cfg):
+    """(final weights of a straight run, of a run killed after step 3 and resumed from its last checkpoint)."""
+    straight = train(cfg_for(model, data, tmp_path / "a", **cfg))
 
     class Killed(Exception):
         pass
@@ -110,10 +109,16 @@ def test_resume_after_kill_is_bit_identical(models, data, tmp_path):
         if step == 3:
             raise Killed
     with pytest.raises(Killed):
-        train(cfg_for(models["sd15"], data, tmp_path / "b", **cfg), on_step=kill)
+        train(cfg_for(model, data, tmp_path / "b", **cfg), on_step=kill)
     assert not (tmp_path / "b" / "tlora.safetensors").exists()
     assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-2"]
-    resumed = train(cfg_for(models["sd15"], data, tmp_path / "b", resume="latest", **cfg))
+    return straight, train(cfg_for(model, data, tmp_path / "b", resume="latest", **cfg))
+
+
+def test_resume_after_kill_is_bit_identical(models, data, tmp_path):
+    straight, resumed = killed_at_3_then_resumed(
+        models["sd15"], data, tmp_path, max_steps=5, checkpointing_steps=2, validation_steps=0, lr_scheduler="cosine",
+        tlora=tlora.TLoRAConfig(rank=4, target_module=()))
     a, _ = tlora.weights.read(straight)
     b, _ = tlora.weights.read(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
