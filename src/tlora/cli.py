@@ -46,9 +46,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}",
-                   help="load the denoiser quantized (int8: torchao by default; nf4: bitsandbytes, GPU only)")
-    p.add_argument("--quantization-backend", metavar="{torchao,quanto,bitsandbytes}",
-                   help="backend of --base-precision (default: torchao for int8, bitsandbytes for nf4)")
+                   help="load the denoiser quantized (int8: quanto by default; nf4: bitsandbytes, GPU only)")
+    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}",
+                   help="backend of --base-precision (default: quanto for int8, bitsandbytes for nf4)")
     p.add_argument("--no-mask", action="store_true", help="adapters at full rank at every step (for comparison)")
     p.add_argument("--out", help="output folder: PNGs, grid.png, generate.json")
     off = p.add_argument_group(
@@ -253,16 +253,20 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a denoiser config.json, a diffusers model folder or hub id (only "
                    "its config is read), or a shipped config: flux1-dev, sd3-medium, sdxl-base")
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16, help="adapter rank R (default 16)")
     p.add_argument("--min-rank", type=int, help="T-LoRA's Rmin (no effect on memory; default rank / 2)")
-    p.add_argument("--variant", choices=["ortho", "vanilla"], default="ortho")
+    p.add_argument("--variant", choices=["ortho", "vanilla"], default="ortho", help="adapter form (default ortho)")
     p.add_argument("--resolution", type=int, help="square training resolution (default: the family's native)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16")
-    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}")
-    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                   help="estimate without gradient checkpointing (default: on)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16",
+                   help="dtype of the frozen weights and activations (default bf16)")
+    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}",
+                   help="frozen denoiser stored quantized (default no: the --mixed-precision dtype)")
+    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}",
+                   help="backend of --base-precision (default: quanto for int8, bitsandbytes for nf4)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="default adamw")
 
 
 def _cmd_memory(a: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = "no"                  # no | bf16 | fp16 (adapters stay float32)
     base_precision: str = "no"                   # frozen denoiser weights: no | int8 | nf4 (tlora.quantize)
-    quantization_backend: Optional[str] = None   # torchao | quanto | bitsandbytes; None → the precision's default
+    quantization_backend: Optional[str] = None   # quanto | torchao | bitsandbytes; None → the precision's default
     gradient_checkpointing: bool = False
     seed: int = 0
     prediction_type: Optional[str] = None        # DDPM families: epsilon | v_prediction; None → scheduler's
