@@ -25,7 +25,7 @@ import torch
 import tlora
 from tlora import memory
 from tlora.config import TLoRAConfig
-from tlora.families import TRAINING, denoiser_of, detect
+from tlora.families import FAMILIES, TRAINING, denoiser_of, detect
 from tlora.generate import load_pipeline
 from tlora.quantize import BasePrecision
 from tlora.tiny import build_pipeline
@@ -52,7 +52,7 @@ def measure(model_dir: str, tl: TLoRAConfig, resolution: int, batch: int, base: 
     """One real training step of the tiny pipeline in ``model_dir``; bytes by part, as :class:`memory.Estimate`."""
     den = denoiser_of(load_pipeline(model_dir, base=base, denoiser_dtype=torch.float32))
     family = detect(den).name
-    net = tlora.inject(den, memory.with_family_targets(tl, family), generator=torch.Generator().manual_seed(0))
+    net = tlora.inject(den, tl.targets_or(FAMILIES[family].target_module), generator=torch.Generator().manual_seed(0))
     den.requires_grad_(False)
     for p in net.parameters():
         p.requires_grad_(True)

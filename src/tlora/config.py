@@ -159,6 +159,12 @@ class TLoRAConfig:
     def replace(self, **kw) -> "TLoRAConfig":
         return replace(self, **kw)
 
+    def targets_or(self, target_module: tuple) -> "TLoRAConfig":
+        """This config, or with ``target_module`` (a family's default targets) when it names no target at all."""
+        if self.target_module or self.target_name or self.module_algo_map:
+            return self
+        return self.replace(target_module=tuple(target_module))
+
     @classmethod
     def from_lycoris(cls, d: dict) -> "TLoRAConfig":
         """The LyCORIS JSON (``algo: tlora``) as SimpleTuner's ``lycoris_config`` file holds it."""

@@ -40,9 +40,8 @@ from .errors import UsageError
 from .fileio import first_line, looks_like_hub_id
 from .families import FAMILIES, TRAINING, detect
 from .network import inject
-from .quantize import BasePrecision
+from .quantize import COMPUTE_DTYPES, BasePrecision
 
-DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}          # mixed_precision → bytes of the frozen weights
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}   # what each pipeline's encode_prompt returns
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 
@@ -288,18 +287,11 @@ def _counting(saved: SavedTensors, frozen: set, keeps: Optional[str]):
         yield
 
 
-def with_family_targets(tl: TLoRAConfig, family: str) -> TLoRAConfig:
-    """``tl`` with the family's default targets when it names none (as ``tlora train`` resolves them)."""
-    if tl.target_module or tl.target_name or tl.module_algo_map:
-        return tl
-    return tl.replace(target_module=FAMILIES[family].target_module)
-
-
 # -- the estimate -------------------------------------------------------------------------------------------------
 def weight_bytes(den: nn.Module, mixed_precision: str, base: BasePrecision) -> int:
     """The frozen denoiser's parameters and buffers at the run's dtype, quantized linear weights at their backend's
     storage (adapters excluded)."""
-    c = DTYPE_BYTES[mixed_precision]
+    c = COMPUTE_DTYPES[mixed_precision].itemsize
     bp = base.resolved()
     quantized = {id(m.weight) for m in den.modules() if isinstance(m, nn.Linear)} if bp.quantized else set()
     total = 0
@@ -326,13 +318,13 @@ def estimate(config: dict, tlora: TLoRAConfig, resolution: Optional[int] = None,
              text_tokens: Optional[int] = None) -> Estimate:
     """The expected peak of one training step of ``config``'s denoiser (module docstring); nothing is allocated.
     ``resolution`` None: the family's native resolution."""
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    dtype = COMPUTE_DTYPES[mixed_precision]
     den = _cast(meta_denoiser(config), dtype)
     family = detect(den).name
     if family not in TEXT_TOKENS:
         raise UsageError(f"memory estimates cover {', '.join(TEXT_TOKENS)}; {family} is not one of them yet")
     resolution = resolution or FAMILIES[family].resolution
-    network = inject(den, with_family_targets(tlora, family), init_weights=False)
+    network = inject(den, tlora.targets_or(FAMILIES[family].target_module), init_weights=False)
     den.requires_grad_(False)
     for p in network.parameters():
         p.requires_grad_(True)

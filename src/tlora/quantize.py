@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .errors import UsageError
 
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # mixed_precision → dtype
 PRECISIONS = ("no", "int8", "nf4")
 BACKENDS = ("torchao", "quanto", "bitsandbytes")
 DEFAULT_BACKEND = {"int8": "quanto", "nf4": "bitsandbytes"}

@@ -34,8 +34,8 @@ from .fileio import check_output, first_line, save_png, write_json
 from .formats import to_official
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
-from .memory import with_family_targets
 from .network import TLoRANetwork, inject
+from .quantize import COMPUTE_DTYPES
 from .trainconfig import TrainConfig
 
 
@@ -231,7 +231,7 @@ def setup(cfg: TrainConfig) -> Run:
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip(),
                                     what="class_data_dir") if cfg.class_data_dir else [])
-    tl = with_family_targets(cfg.tlora, family.name)
+    tl = cfg.tlora.targets_or(family.target_module)
     try:
         network = inject(den, tl, generator=torch.Generator().manual_seed(cfg.seed))
     except ValueError as e:
@@ -312,7 +312,7 @@ def _optimizer_class(name: str):
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     """The frozen denoiser's compute dtype (``mixed_precision``); adapters stay float32."""
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    return COMPUTE_DTYPES[cfg.mixed_precision]
 
 
 def prepare_training(run: Run, acc: Accelerator) -> Optimization:
