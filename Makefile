@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m tlora demo --out demo-output
+	$(PY) -m tlora demo --out demo-output --overwrite
 
 test: venv
 	$(PY) -m pytest

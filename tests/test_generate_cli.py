@@ -75,17 +75,49 @@ def test_missing_required_option_is_one_line_exit_2(capsys):
     assert len(err) == 1 and "required: --model, --weights, --out" in err[0]
 
 
-def test_a_write_failure_mid_run_is_one_line_exit_1_and_leaves_no_folder(setup, tmp_path, capsys, monkeypatch):
-    """The disk fills while images are written: one line naming the file, exit 1 (not bad input), no traceback,
-    no temporary file and no empty output folder left."""
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_write_failure_mid_run_is_one_line_exit_1_and_leaves_nothing_of_the_unit(setup, tmp_path, capsys,
+                                                                                    monkeypatch, out_exists):
+    """The disk fills after the images are written, at grid.png: one line naming the file, exit 1 (not bad
+    input), no traceback; the images and generate.json are one unit, so none of them is left, no temporary file
+    and no empty output folder; a user's file already in --out stays as it was."""
     import errno
-    import tlora.generate
+    from PIL import Image
+    real_save = Image.Image.save
 
-    def full(image, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(tlora.generate, "save_png", full)
+    def full(self, fp, *args, **kw):
+        if str(fp).endswith("grid.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *args, **kw)
+    out = tmp_path / "o"
+    if out_exists:
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    monkeypatch.setattr(Image.Image, "save", full)
     rc = main(["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"),
-               "--prompt", "a sks dog", "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "o")])
+               "--prompt", "a sks dog", "--num-images", "2", "--steps", "1", "--height", "32", "--width", "32",
+               "--out", str(out)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("images:")]   # bar
-    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0] and "0000-seed0.png" in err[0], err
-    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0] and "grid.png" in err[0], err
+    if out_exists:
+        assert [(q.name, q.read_text()) for q in out.iterdir()] == [("mine.txt", "mine")]
+    else:
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_generate_output_is_kept_unless_overwrite(setup, tmp_path, capsys):
+    """A second generate into the same --out is refused in one line and changes nothing; --overwrite replaces
+    the earlier images and generate.json."""
+    argv = ["generate", "--model", str(setup / "model"), "--weights", str(setup / "w.safetensors"), "--prompt",
+            "a sks dog", "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    before = {q.name: q.read_bytes() for q in (tmp_path / "o").iterdir()}
+    capsys.readouterr()
+    assert main(argv + ["--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "earlier generate output" in err[0] and "--overwrite" in err[0], err
+    assert {q.name: q.read_bytes() for q in (tmp_path / "o").iterdir()} == before
+    assert main(argv + ["--seed", "3", "--overwrite"]) == 0
+    record = json.loads((tmp_path / "o" / "generate.json").read_text())
+    assert record["seeds"] == [3]
+    assert sorted(q.name for q in (tmp_path / "o").iterdir()) == ["0000-seed3.png", "generate.json", "grid.png"]

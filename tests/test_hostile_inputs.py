@@ -312,7 +312,7 @@ CASES = {
                               {"c.json": cfg(max_steps=1), "@out": resume_from()}, "max_steps"),
     "new run into a folder of another run": (["train", "--config", "{in}/c.json"],
                                              {"c.json": cfg(max_steps=4, tlora={"rank": 8}), "@out": resume_from()},
-                                             "checkpoint-2"),
+                                             "of another run (tlora.rank: 4 → 8)"),
     # -- SimpleTuner config + LyCORIS JSON ------------------------------------------------------------------------
     "ST lycoris_config missing": simpletuner("lycoris_config", lycoris_config="{in}/none.json"),
     "ST lycoris_config list": simpletuner("lycoris_config", lycoris_config=["a.json"]),

@@ -166,7 +166,7 @@ def test_a_foreign_checkpoint_is_kept_never_resumed_and_keep_last_k_counts_only_
     capsys.readouterr()
     assert main(["train", "--config", str(tmp_path / "fresh.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "checkpoint-2 of another run" in err[0] and "tlora.rank: 4 → 8" in err[0]
+    assert len(err) == 1 and "tlora.safetensors of another run" in err[0] and "tlora.rank: 4 → 8" in err[0]
     steps = []
     train(cfg_for(models["sd15"], data, out, max_steps=4, resume="latest", **ours),
           on_step=lambda s, l: steps.append(s))

@@ -14,6 +14,7 @@ another run is never deleted or resumed, and :func:`differences` says what diffe
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -26,20 +27,28 @@ from safetensors.torch import load_file, save_file
 
 from . import weights
 from .errors import UsageError
-from .fileio import first_line, plain_mode
+from .fileio import first_line, plain_mode, show
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-IDENTITY_IGNORES = {"max_steps", "resume", "device", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+IDENTITY_IGNORES = {"max_steps", "resume", "overwrite", "device", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
                     "validation_steps", "num_validation_images", "validation_inference_steps", "validation_guidance",
                     "validation_multiplier", "validation_prompts", "eval_clip_model", "eval_dino_model", "best_metric"}
 
 
+# the official flags that set an IDENTITY_IGNORES field (num_train_epochs is max_steps): free to change as well
+OFFICIAL_IGNORES = {"num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt",
+                    "output_dir", "device", "wandb_api_key"}
+
+
 def identity(config: dict, family: Optional[str]) -> dict:
     """What a checkpoint must share with a run to be that run's: the family and the config (a TrainConfig dict)
-    without ``IDENTITY_IGNORES``, in its JSON form."""
+    without ``IDENTITY_IGNORES`` (and, for a run started with the official flags, without the flags that set
+    them), in its JSON form."""
     kept = {k: v for k, v in config.items() if k not in IDENTITY_IGNORES}
+    if isinstance(kept.get("official_flags"), dict):
+        kept["official_flags"] = {k: v for k, v in kept["official_flags"].items() if k not in OFFICIAL_IGNORES}
     return json.loads(json.dumps({"family": family, **kept}, default=str))
 
 
@@ -83,6 +92,81 @@ def scan(output_dir: Path) -> List[Found]:
             problem = first_line(e) if isinstance(e, ValueError) else f"{p.name} has no training config"
         out.append(Found(p, int(CKPT_RE.match(p.name).group(1)), ident, problem))
     return out
+
+
+FINAL_NAME = "tlora.safetensors"
+
+
+@dataclass
+class RunFolder:
+    """What an output folder already holds, seen by one run (its identity): this run's checkpoints (oldest
+    first), every other ``checkpoint-N`` (another run's, or a folder that only looks like one), and the final
+    weights file when there is one (``final_ours``: written by this run's identity)."""
+    path: Path
+    run_identity: dict
+    ours: List[Path]
+    foreign: List[Found]
+    final: Optional[Path]
+    final_ours: bool
+    final_problem: Optional[str]
+
+    @classmethod
+    def survey(cls, out: Path, run_identity: dict) -> "RunFolder":
+        found = scan(out)
+        final = out / FINAL_NAME
+        final_ours, problem = False, None
+        if os.path.lexists(final):
+            try:
+                h = weights.parse_header(weights.read_metadata(final), final)
+                final_ours = not differences(run_identity, identity(h["training"]["config"], h.get("family")))
+                problem = None if final_ours else "; ".join(differences(run_identity, identity(
+                    h["training"]["config"], h.get("family")))[:3])
+            except (ValueError, KeyError, TypeError) as e:
+                problem = first_line(e) if isinstance(e, ValueError) else "it records no training config"
+        return cls(out, run_identity, [f.path for f in found if f.identity == run_identity],
+                   [f for f in found if f.identity != run_identity], final if os.path.lexists(final) else None,
+                   final_ours, problem)
+
+    def claim(self, resume: Optional[str], overwrite: bool) -> None:
+        """Refuse, in one line, to start a run here that would delete or replace what is not its own, or that
+        would silently start over a run of its own (finished or not) without ``resume`` or ``overwrite``."""
+        out = show(self.path)
+        if resume and overwrite:
+            raise UsageError("give --resume or --overwrite, not both")
+        if self.final is not None and not self.final_ours:
+            raise UsageError(f"{out} holds {FINAL_NAME} of another run ({self.final_problem}); it is kept: move it "
+                             "away or choose another output_dir")
+        if self.foreign and not (resume and self.ours):
+            f = self.foreign[-1]
+            if f.identity is None:
+                raise UsageError(f"{out} holds {f.path.name}, which is not a checkpoint of this run ({f.problem}); "
+                                 "it is kept: move it away or choose another output_dir")
+            raise UsageError(f"{out} holds {f.path.name} of another run ({'; '.join(differences(self.run_identity, f.identity)[:3])}); "
+                             "it is kept: resume it with its own config, move it away, or choose another output_dir")
+        if resume == "latest" and not self.ours:
+            raise UsageError(f"--resume latest: {out} holds no checkpoint of this run; run without --resume to "
+                             "start at step 0")
+        if not resume and not overwrite and (self.ours or self.final is not None):
+            what = f"a finished run ({FINAL_NAME})" if self.final is not None else f"this run's {self.ours[-1].name}"
+            raise UsageError(f"{out} holds {what}: --resume latest continues it (raise max_steps to train further), "
+                             "--overwrite trains it again from step 0, or choose another output_dir")
+
+    def check_collisions(self, start: int, max_steps: int, every: int) -> None:
+        """A resumed run writes checkpoint-N at every ``every`` steps and at ``max_steps``: refuse when one of
+        those names is taken by a folder that is not this run's (it would be replaced)."""
+        for f in self.foreign:
+            if start < f.step <= max_steps and (f.step % every == 0 or f.step == max_steps):
+                raise UsageError(f"{show(self.path)} holds {f.path.name}, which is not this run's, and this run would "
+                                 f"write {f.path.name} at step {f.step}; it is kept: move it away first")
+
+    def clear_own(self) -> None:
+        """``--overwrite``: this run's earlier checkpoints and final weights go before it starts again at step 0
+        (nothing else of the folder is touched)."""
+        for p in self.ours:
+            shutil.rmtree(p)
+        if self.final is not None and self.final_ours:
+            self.final.unlink()
+        self.ours, self.final = [], None
 
 
 def prune(ours: List[Path], keep: Optional[int]) -> List[Path]:
@@ -182,9 +266,13 @@ def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_scheduler, generator: torch.Generator,
-                    metadata: dict, extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """``output_dir/checkpoint-<step>``, complete or not at all; ``extra(folder)`` adds files before the rename."""
+                    metadata: dict, extra: Optional[Callable[[Path], None]] = None, replace: bool = False) -> Path:
+    """``output_dir/checkpoint-<step>``, complete or not at all; ``extra(folder)`` adds files before the rename.
+    An existing ``checkpoint-<step>`` is replaced only when ``replace`` (it is this run's); otherwise
+    FileExistsError, before anything is written."""
     final = output_dir / f"checkpoint-{step}"
+    if os.path.lexists(final) and not replace:
+        raise FileExistsError(f"{final} exists and is not this run's checkpoint: it is kept")
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         weights.save(network, tmp / "tlora.safetensors", metadata=metadata)
@@ -197,7 +285,7 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
                                                    indent=1, default=float, allow_nan=False))
         if extra is not None:
             extra(tmp)
-        if final.exists():
+        if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         plain_mode(tmp, directory=True)
         tmp.rename(final)

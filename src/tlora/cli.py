@@ -6,17 +6,23 @@ Bad input is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from PIL import Image
+from safetensors import SafetensorError
+
 from .errors import OneLineParser as _Parser
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
-from .fileio import atomic_write, check_output
+from .fileio import atomic_write, check_output, first_line, remove_own, show
 from .formats import read_state, summary, write_state
 from .processors import use_pil_image_processors
 from .quantize import import_backends
@@ -51,6 +57,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="backend of --base-precision (default: quanto for int8, bitsandbytes for nf4)")
     p.add_argument("--no-mask", action="store_true", help="adapters at full rank at every step (for comparison)")
     p.add_argument("--out", help="output folder: PNGs, grid.png, generate.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier generate output in --out")
     off = p.add_argument_group(
         "the official inference.py", "tlora generate --config_path RUN/logs/hparams.yml --checkpoint_idx 800 "
         "--prompts 'a {0} riding a bike#a {0} swimming': images go to <checkpoint>/samples/ns<steps>_gs<guidance>/"
@@ -66,7 +73,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 OFFICIAL_INFERENCE_FLAGS = (("num_images_per_prompt", int, 5), ("batch_size", int, 1), ("num_inference_steps", int, 25),
                             ("guidance_scale", float, 5.0), ("version", int, 0))
 _OURS_ONLY = ("model", "weights", "out", "prompt", "prompts_file", "prompt_set", "negative_prompt", "num_images",
-              "steps", "guidance", "height", "width", "no_mask", "quantization_backend")
+              "steps", "guidance", "height", "width", "no_mask", "quantization_backend", "overwrite")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -93,7 +100,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
                          steps=25 if a.steps is None else a.steps,
                          guidance=a.guidance, seed=a.seed, multiplier=a.multiplier, height=a.height,
                          width=a.width, dtype=a.dtype, device=a.device, mask=not a.no_mask,
-                         base_precision=a.base_precision, quantization_backend=a.quantization_backend)
+                         base_precision=a.base_precision, quantization_backend=a.quantization_backend,
+                         overwrite=a.overwrite)
     out = run_generate(s)
     print(f"wrote {out}/grid.png and {out}/generate.json")
     return 0
@@ -122,7 +130,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         raise UsageError(f"--min-rank must be >= 1, got {a.min_rank}")
     if a.exponent is not None and not (math.isfinite(a.exponent) and a.exponent > 0):
         raise UsageError(f"--exponent must be a finite number > 0, got {a.exponent}")
-    check_output(a.output, "output", folder=False)
+    check_output(a.output, "output", folder=False, inputs=(a.input, a.hparams, a.model))
     model = load_denoiser(a.model) if a.model else None
     try:
         tensors, header = read_state(a.input, model, min_rank=a.min_rank, exponent=a.exponent, hparams=a.hparams)
@@ -138,7 +146,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
     if a.plot:
-        check_output(a.plot, "--plot", folder=False)
+        check_output(a.plot, "--plot", folder=False, inputs=(a.file,))
     try:
         info = summary(a.file)
     except ValueError as e:
@@ -194,7 +202,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="tlora JSON or SimpleTuner config.json (with lycoris_config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (nested: tlora.rank=16); repeatable")
-    p.add_argument("--resume", help="latest | path to a checkpoint-N folder")
+    p.add_argument("--resume", help="latest | path to a checkpoint-N folder: continue a run (max_steps may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again from step 0 over a run of this config in output_dir (its checkpoints and "
+                        "final weights go; nothing of another run is ever touched)")
     p.add_argument("--device", help="cpu to force the CPU")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, print the expected peak memory (tlora memory) and exit; writes nothing")
@@ -209,7 +220,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if official and a.config:
         raise UsageError("give either --config or the official flags, not both")
     sets = list(a.set) + ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
-        ([f"device={json.dumps(a.device)}"] if a.device else [])
+        ([f"device={json.dumps(a.device)}"] if a.device else []) + (["overwrite=true"] if a.overwrite else [])
     cfg = load_config(a.config, sets, official or None)
     if a.dry_run:
         return _print_estimate(cfg.model, cfg.tlora, cfg.resolution, cfg.batch_size, cfg.gradient_checkpointing,
@@ -301,6 +312,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--steps", type=int, help="training steps per adapter (default 200, the demo's recipe)")
     p.add_argument("--rank", type=int, default=64, help="rank of all three adapters (default 64; T-LoRA's Rmin is rank / 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (only the demo's "
+                   "own files and folders go)")
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -308,8 +321,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be at least 1")
-    check_output(a.out, "--out", folder=True)
-    sheet = run_demo(Path(a.out), a.steps, a.rank)
+    from .demo import OWN
+    out = check_output(a.out, "--out", folder=True)
+    earlier = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if earlier and not a.overwrite:
+        raise UsageError(f"--out {show(a.out)} is not empty (it holds {earlier[0]}); give another folder, or "
+                         "--overwrite to replace an earlier demo there")
+    if a.overwrite:
+        remove_own(out, OWN)
+    sheet = run_demo(out, a.steps, a.rank)
     print("weights:  " + ", ".join(str(Path(a.out) / r / "run" / "tlora.safetensors") for r in ("LoRA", "T-LoRA", "LoRA-gentle")))
     print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; row 4: LoRA at a gentler lr; "
           "column 1: training image)")
@@ -357,8 +377,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that say the input is wrong (a path given that does not exist, cannot be read, is the wrong kind of
+# thing): exit 2 like every other bad input; the rest (a full disk, an I/O error) are the machine's: exit 1
+INPUT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOTEMPTY}
+
+
+def _one_line(command: str, kind: str, message: str) -> str:
+    """The one line every failure of every command ends in: control characters (a newline in a path) escaped, so
+    nothing can split it."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return f"tlora {command}: {kind}: {text}"
+
+
+def _resume_command(argv: List[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments with ``--resume latest``."""
+    out, skip = ["tlora"], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith(("--resume=", "--overwrite")):
+            out.append(arg)
+    return shlex.join(out + ["--resume", "latest"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for stream in (sys.stdout, sys.stderr):    # PYTHONIOENCODING=ascii: an α in a message is escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     import_backends()            # after parsing (a bad argument or --help never waits for them), before anything
@@ -367,17 +417,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     import transformers
     diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
     transformers.utils.logging.disable_progress_bar()
+    say = lambda kind, msg: print(_one_line(args.command, kind, msg), file=sys.stderr)   # noqa: E731
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)   # an absurd image is bad input
+            return int(args.func(args) or 0)
     except UsageError as e:
-        print(f"tlora {args.command}: error: {e}", file=sys.stderr)
+        say("error", str(e))
         return 2
+    except Interrupted as e:
+        say("stopped", f"{e}; continue with: {_resume_command(argv)}")
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("stopped", "interrupted")
         return 130
-    except OSError as e:        # the machine, not the input: a full disk, a folder removed under a running command
-        where = f": {e.filename}" if e.filename else ""
-        print(f"tlora {args.command}: failed: {e.strerror or e}{where}", file=sys.stderr)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        say("error", f"an image is too large to read safely: {first_line(e)}")
+        return 2
+    except OSError as e:
+        where = f": {show(e.filename)}" if e.filename else ""
+        if e.errno in INPUT_ERRNOS:
+            say("error", f"{e.strerror or e}{where}")
+            return 2
+        say("failed", f"{e.strerror or e}{where}")   # the machine, not the input: a full disk, an I/O error
+        return 1
+    except SafetensorError as e:    # safetensors' own error (not an OSError): a damaged file, or a write that failed
+        say("error", f"safetensors: {first_line(e)}")
+        return 2
+    except MemoryError:
+        say("failed", "out of memory (a size too large for this machine)")
+        return 1
+    except Exception as e:           # a bug of ours: one line, the traceback only with TLORA_DEBUG=1
+        if os.environ.get("TLORA_DEBUG"):
+            raise
+        say("failed", f"{type(e).__name__}: {first_line(e)} (an internal error: set TLORA_DEBUG=1 for the "
+                      "traceback and please report it)")
         return 1
 
 

@@ -26,6 +26,8 @@ from .generate import contact_sheet, load_pipeline
 from .toyworld.experiment import CONCEPTS, LORA, default_model, personalise, sample, score, tlora_method
 from .toyworld.pretrain import WORLDS
 
+# what a demo writes into its --out folder (and all ``--overwrite`` may remove there)
+OWN = ("LoRA", "T-LoRA", "LoRA-gentle", "lora-vs-tlora.png")
 WORLD, CONCEPT, RANK, LR, GENTLE_LR, STEPS = "flat", 0, 64, 5e-3, 2e-3, 200     # T-LoRA's Rmin: R / 4
 
 

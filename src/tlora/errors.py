@@ -2,6 +2,7 @@
 argument parser every command line of the project uses (argparse's errors as that same single line)."""
 
 import argparse
+import signal
 
 
 class UsageError(ValueError):
@@ -13,3 +14,12 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped a run at the end of a step; ``checkpoint`` holds that step (resumable). The CLI
+    exits 128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {str(checkpoint)!r}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -228,11 +228,11 @@ def evaluate_folder(images: str, reference: str, out: str, prompts=None, placeho
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be > 0, got {batch_size}")
     check_device(device)
-    check_output(out, "--out", folder=False)
     paths, per_image = collect(images, prompts)
     if not paths:
         raise UsageError(f"no images in {images}")
     refs = reference_paths(reference)
+    check_output(out, "--out", folder=False, inputs=(images, reference, clip, dino, *paths, *refs))
     imgs = _open_images(paths, "generated", same_size=True)
     ref_imgs = _open_images(refs, "reference", same_size=False)
     emb = Embedder(clip, None if dino in (None, "none") else dino, device, batch_size)

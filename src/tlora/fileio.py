@@ -4,8 +4,10 @@
   crash) never sees half a file: :func:`atomic_write`, and on it :func:`write_json`, :func:`save_png`.
 * JSON and YAML mappings (configs, ``hparams.yml``) are read with one-line errors: :func:`read_mapping`.
 * Text files a user hands in (captions, prompt lists) are read as UTF-8 with one-line errors: :func:`read_text`.
-* An output location is checked before any work: :func:`check_output` (a folder where a file is wanted, a file
-  where a folder is wanted, a parent that is a file, a place nothing can be created).
+* Every output location of every command is checked before any work by one function, :func:`check_output`,
+  which knows the command's inputs (an output that is an input, a dangling symlink, a folder where a file is
+  wanted, a place nothing can be created); names built from user or file data go through :func:`safe_name`;
+  paths in messages through :func:`show` (quoted, so a newline cannot split the one line).
 * An exception shown to a user is its first line: :func:`first_line`.
 * What counts as an image file (:data:`IMAGE_EXTS`) and as a hub id rather than a local path
   (:func:`looks_like_hub_id`).
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Type
+from typing import Callable, Dict, Iterable, Type
 
 import yaml
 
@@ -66,6 +69,35 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = 
     return path
 
 
+def write_files(folder: os.PathLike, writers: Dict[str, Callable[[str], None]]) -> Path:
+    """Several files written as one unit into ``folder``: each ``writers[name](temporary path)`` writes into a
+    temporary folder; only when all have been written are they moved in (the whole folder renamed into place when
+    ``folder`` did not exist; else file by file, the last name last). On any error nothing of them is left."""
+    folder = Path(folder)
+    fresh = not folder.exists()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if fresh else folder))
+    moved: list = []
+    try:
+        for name, write in writers.items():
+            write(str(tmp / name))
+            plain_mode(tmp / name)
+        if fresh:
+            plain_mode(tmp, directory=True)
+            os.rename(tmp, folder)
+            return folder
+        for name in writers:
+            os.replace(tmp / name, folder / name)
+            moved.append(folder / name)
+        tmp.rmdir()
+    except BaseException:
+        for m in moved:
+            m.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def write_json(obj, path: os.PathLike) -> Path:
     """``obj`` as indented, strict JSON (non-JSON values via ``str``; NaN and inf are an error, never written),
     written atomically."""
@@ -73,24 +105,88 @@ def write_json(obj, path: os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def check_output(path: os.PathLike, what: str, folder: bool) -> Path:
-    """Refuse, before any work, an output ``path`` (a folder when ``folder``, else a file) that cannot be
-    written: the wrong kind of thing already there, a parent that is a file, or a nearest existing folder in
-    which nothing can be created (probed with a temporary folder, removed again). Raises UsageError."""
+def show(path) -> str:
+    """A path as a one-line message prints it: quoted, control characters (a newline) escaped."""
+    return repr(str(path))
+
+
+def _real(path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output(path: os.PathLike, what: str, folder: bool, inputs: Iterable = (), writes: Iterable[str] = ()
+                 ) -> Path:
+    """The one check every output location of every command goes through, before any work. Raises UsageError
+    (one line) for an output ``path`` (a folder when ``folder``, else a file) that
+
+    * is a symlink to nothing or a symlink loop, or lies below one;
+    * is the wrong kind of thing (a folder where a file is wanted, ...), lies below a file, or lies where
+      nothing can be created (probed with a temporary folder, removed again);
+    * is, or resolves through symlinks to, one of the command's ``inputs`` (files or folders; names that are
+      not on disk, such as hub ids, are skipped), or would replace a file inside an input folder;
+    * is a folder holding an input file under one of the names the command ``writes`` there.
+    """
     p = Path(path)
+    for q in (p, *p.parents):
+        if os.path.lexists(q) and not q.exists():
+            raise UsageError(f"{what} {show(path)}: {show(q)} is a symlink to nothing (or a symlink loop); remove it "
+                             "or give another path")
     if p.exists() and p.is_dir() != folder:
-        raise UsageError(f"{what} {path} is {'a file' if folder else 'a folder'}; give "
+        raise UsageError(f"{what} {show(path)} is {'a file' if folder else 'a folder'}; give "
                          f"{'a folder' if folder else 'a file name'}")
     parent = p if folder else p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"{what} {path} cannot be created: {parent} is a file")
+        raise UsageError(f"{what} {show(path)} cannot be created: {show(parent)} is a file")
     try:
         Path(tempfile.mkdtemp(prefix=".tlora-probe.", dir=parent)).rmdir()
     except OSError as e:
-        raise UsageError(f"{what} {path} is not writable: {e.strerror} in {parent}") from None
+        raise UsageError(f"{what} {show(path)} is not writable: {e.strerror} in {show(parent)}") from None
+    _check_not_an_input(p, what, folder, inputs, set(writes))
     return p
+
+
+def _check_not_an_input(p: Path, what: str, folder: bool, inputs: Iterable, writes: set) -> None:
+    out = _real(p)
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        src = _real(given)
+        if out == src:
+            raise UsageError(f"{what} {show(p)} is the input {show(given)}: it would be overwritten; give another "
+                             f"{'folder' if folder else 'file name'}")
+        if src.is_dir() and not folder and p.exists() and _inside(out, src):
+            raise UsageError(f"{what} {show(p)} would replace a file of the input folder {show(given)}; give "
+                             "another file name")
+        if folder and src.parent == out and src.name in writes:
+            raise UsageError(f"{what} {show(p)} holds the input {show(given)}, which this command would "
+                             "overwrite; give another folder")
+
+
+def remove_own(folder: Path, names: Iterable[str]) -> None:
+    """Remove the entries ``names`` of ``folder`` (what a command itself wrote there earlier, for its
+    ``--overwrite``); a symlink is unlinked, never followed; nothing else is touched."""
+    for name in names:
+        q = Path(folder) / name
+        if q.is_symlink() or q.is_file():
+            q.unlink()
+        elif q.is_dir():
+            shutil.rmtree(q)
+
+
+def safe_name(text: str, what: str) -> str:
+    """``text`` (from a user or a file: a prompt, a placeholder token) as one file or folder name that cannot
+    leave the folder it is put in: path separators, NUL and control characters become ``_``; ``.`` / ``..`` and
+    names over 255 bytes are refused (UsageError naming ``what``)."""
+    name = "".join("_" if c in "/\\\0" or ord(c) < 32 else c for c in text).strip()
+    if name in ("", ".", "..") or len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise UsageError(f"{what} {text!r} cannot name a folder (empty, '.', '..' or over 255 bytes)")
+    return name
 
 
 def read_text(path: os.PathLike, what: str) -> str:

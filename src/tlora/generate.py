@@ -6,7 +6,9 @@ per-step mask comes from the weights file's own header (rank, min_rank, exponent
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -21,11 +23,12 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .families import DENOISER_ATTRS, denoiser_of, detect
 from .devices import check_device
-from .fileio import check_output, first_line, looks_like_hub_id, read_text, save_png, write_json
+from .fileio import check_output, first_line, looks_like_hub_id, read_text, show, write_files
 from .masking import attach
 from .quantize import BasePrecision
 from .weights import WeightsFileError, read_header
 
+IMAGE_NAME = re.compile(r"^\d{4}-seed\d+\.png$")   # what generate names its images
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,6 +52,7 @@ class GenerateSettings:
     seeds: List[int] = field(default_factory=list)
     base_precision: str = "no"                   # the denoiser quantized: no | int8 | nf4 (tlora.quantize)
     quantization_backend: Optional[str] = None
+    overwrite: bool = False                      # replace an earlier generate output in ``out``
 
     def validate(self) -> None:
         if not self.prompts or not all(p.strip() for p in self.prompts):
@@ -72,7 +76,13 @@ class GenerateSettings:
             raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         check_device(self.device)
         BasePrecision(self.base_precision, self.quantization_backend).check_runtime()
-        check_output(self.out, "--out", folder=True)
+        out = check_output(self.out, "--out", folder=True, inputs=(self.model, self.weights),
+                           writes=("grid.png", "generate.json"))
+        earlier = sorted(q.name for q in out.glob("*") if q.name == "generate.json" or IMAGE_NAME.match(q.name)) \
+            if out.is_dir() else []
+        if earlier and not self.overwrite:
+            raise UsageError(f"--out {show(self.out)} holds an earlier generate output ({earlier[0]}); give "
+                             "another folder, or --overwrite to replace it")
 
 
 def read_prompts_file(path: str) -> List[str]:
@@ -193,22 +203,27 @@ def run_generate(s: GenerateSettings) -> Path:
             handle = attach(pipe, s.weights, multiplier=s.multiplier, mask=s.mask)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    out = Path(s.out)              # created by the first image written: a failed run leaves no empty folder
     try:
         results = sample_images(pipe, s.prompts, s.num_images, s.seed, s.steps, guidance, s.negative_prompt,
                                 s.height, s.width)
     finally:
         if handle is not None:
             handle.detach()
-    files = []
+    files, writers = [], {}
     for i, (prompt, seed, image) in enumerate(results):
         name = f"{i:04d}-seed{seed}.png"
-        save_png(image, out / name)
+        writers[name] = lambda tmp, im=image: im.save(tmp, format="PNG")
         files.append({"file": name, "prompt": prompt, "seed": seed})
-    save_png(contact_sheet([r[2] for r in results], cols=s.num_images), out / "grid.png")
+    grid = contact_sheet([r[2] for r in results], cols=s.num_images)
+    writers["grid.png"] = lambda tmp: grid.save(tmp, format="PNG")
     record = asdict(s) | {"guidance": guidance, "family": family.name, "images": files,
                           "seeds": sorted({f["seed"] for f in files}),
                           "schedule": None if header is None else {
                               k: header["config"][k] for k in ("rank", "min_rank", "exponent", "num_train_timesteps")}}
-    write_json(record, out / "generate.json")
+    text = json.dumps(record, indent=2, default=str, allow_nan=False)
+    writers["generate.json"] = lambda tmp: Path(tmp).write_text(text)
+    earlier = [q for q in Path(s.out).glob("*.png") if IMAGE_NAME.match(q.name) and q.name not in writers]
+    out = write_files(s.out, writers)       # the images and generate.json as one unit: all or nothing
+    for q in earlier:                       # --overwrite: images of the earlier output this one did not replace
+        q.unlink()
     return out

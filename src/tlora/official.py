@@ -31,7 +31,7 @@ import yaml
 
 from .devices import check_device
 from .errors import UsageError
-from .fileio import atomic_write, check_output, read_mapping, save_png
+from .fileio import atomic_write, check_output, read_mapping, safe_name, save_png
 from .formats import check_hparams, read_state, to_official
 from .weights import WeightsFileError, atomic_save_file, network_from_state
 
@@ -149,9 +149,9 @@ def run_inference(s: InferenceSettings) -> Path:
     hp = read_hparams(s.config_path)
     ckpt = checkpoint_dir(hp, s.config_path, s.checkpoint_idx)
     root = ckpt / "samples" / f"ns{s.num_inference_steps}_gs{s.guidance_scale}" / f"version_{s.version}"
-    check_output(root, "sample folder", folder=True)
-    todo = [p for p in prompts if s.replace_inference_output or not _done(root / p.format(hp["placeholder_token"]),
-                                                                         s.num_images_per_prompt)]
+    check_output(root, "sample folder", folder=True, inputs=(s.config_path, ckpt / WEIGHTS_NAME))
+    folders = {p: root / safe_name(p.format(hp["placeholder_token"]), "--prompts") for p in prompts}
+    todo = [p for p in prompts if s.replace_inference_output or not _done(folders[p], s.num_images_per_prompt)]
     if not todo:
         return root
     pipe = load_pipeline(hp["pretrained_model_name_or_path"], s.dtype, s.device)
@@ -161,9 +161,8 @@ def run_inference(s: InferenceSettings) -> Path:
     with attach(pipe, _network(pipe, ckpt / WEIGHTS_NAME, hp)):
         for p in todo:
             images = _generate(pipe, p, hp, s)
-            folder = root / p.format(hp["placeholder_token"])
             for i, im in enumerate(images):
-                save_png(im, folder / f"{i}.png")
+                save_png(im, folders[p] / f"{i}.png")
     return root
 
 

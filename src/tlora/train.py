@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,9 +30,9 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import official, weights
 from .data import batch_indices, check_images, find_images, load_examples
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
-from .fileio import check_output, first_line, save_png, write_json
+from .fileio import check_output, first_line, save_png, show, write_json
 from .formats import to_official
 from .generate import contact_sheet, load_pipeline, sample_images
 from .masking import attach, timestep_mask
@@ -39,8 +41,46 @@ from .quantize import COMPUTE_DTYPES
 from .trainconfig import TrainConfig
 
 
+# what a run writes at the top of its output folder (besides checkpoint-N/, samples/, logs/)
+WRITES = ("tlora.safetensors", "tlora-best.safetensors", "best.json", "config.resolved.json", ".tlora.lock")
+
+
 class TrainingError(RuntimeError):
     """The run had to stop (e.g. a non-finite loss); the message is one line."""
+
+
+class StopSignals:
+    """While the loop runs, SIGINT and SIGTERM are remembered rather than acted on at once: the step in progress
+    finishes, a checkpoint of it is saved, then :class:`Interrupted` is raised. A second signal stops at once
+    (KeyboardInterrupt). Outside the block the previous handlers are back. In the main thread only (signals
+    cannot be caught elsewhere)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, acc: Accelerator) -> Optional[int]:
+        """The signal any process got (all processes stop at the same step), or None."""
+        if acc.num_processes == 1:
+            return self.signum
+        t = torch.tensor([self.signum or 0], device=acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item()) or None
 
 
 def _check_finite(network: TLoRANetwork, step: int, last_checkpoint) -> None:
@@ -88,27 +128,41 @@ def _loop(run: "Run", acc: Accelerator, on_grads: Optional[Callable], on_step: O
     bar = tqdm(range(opt.start, cfg.max_steps), initial=opt.start, total=cfg.max_steps, desc="train",
                disable=not acc.is_main_process)
     t0 = time.time()
-    for step in bar:                                                   # 5. the loop
-        loss, mean_rank, t = train_step(run, data, opt, acc, step, outputs.last_checkpoint)
-        if on_grads is not None:
-            on_grads(step + 1, run.network, t)
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_(opt.params, cfg.max_grad_norm)
-        opt.optimizer.step()
-        opt.lr_scheduler.step()
-        opt.optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        _check_finite(run.network, done, outputs.last_checkpoint)
-        bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(done - opt.start) / max(time.time() - t0, 1e-9):.2f}")
-        outputs.log(done, loss, opt.lr_scheduler.get_last_lr()[0], mean_rank)
-        if on_step is not None:
-            on_step(done, loss)
-        if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
-            outputs.checkpoint(done, opt)
-        if cfg.validation_steps and done % cfg.validation_steps == 0 and done != cfg.max_steps:
-            outputs.validate(done)
-        acc.wait_for_everyone()
+    with StopSignals() as stop:
+        for step in bar:                                               # 5. the loop
+            loss = _step(run, data, opt, acc, outputs, step, on_grads, on_step)
+            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(step + 1 - opt.start) / max(time.time() - t0, 1e-9):.2f}")
+            signum = stop.requested(acc)
+            if signum is not None:
+                raise Interrupted(signum, step + 1, outputs.interrupted(step + 1, opt))
+        bar.close()
     return finish(run, acc, outputs)                                   # 6. final weights, last validation
+
+
+def _step(run: "Run", data: "Cached", opt: "Optimization", acc: Accelerator, outputs: "Outputs", step: int,
+          on_grads: Optional[Callable], on_step: Optional[Callable]) -> float:
+    """One optimizer step, then what the step count asks for: the log, a checkpoint, a validation. Returns the
+    step's loss."""
+    cfg = run.cfg
+    loss, mean_rank, t = train_step(run, data, opt, acc, step, outputs.last_checkpoint)
+    if on_grads is not None:
+        on_grads(step + 1, run.network, t)
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_(opt.params, cfg.max_grad_norm)
+    opt.optimizer.step()
+    opt.lr_scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    done = step + 1
+    _check_finite(run.network, done, outputs.last_checkpoint)
+    outputs.log(done, loss, opt.lr_scheduler.get_last_lr()[0], mean_rank)
+    if on_step is not None:
+        on_step(done, loss)
+    if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:
+        outputs.checkpoint(done, opt)
+    if cfg.validation_steps and done % cfg.validation_steps == 0 and done != cfg.max_steps:
+        outputs.validate(done)
+    acc.wait_for_everyone()
+    return loss
 
 
 class RunLock:
@@ -161,7 +215,7 @@ class Run:
     cfg: TrainConfig
     out: Path
     resume_from: Optional[Path]
-    own_checkpoints: list                 # this run's checkpoint-N folders already in ``out``, oldest first
+    folder: ckpt.RunFolder                # what ``out`` held before the run: its own checkpoints, others' kept
     pipe: object
     den: torch.nn.Module
     family: Family
@@ -191,32 +245,26 @@ class Run:
             m.to(device)
 
 
-def _own_checkpoints(cfg: TrainConfig, out: Path, family: str) -> Tuple[list, Optional[Path]]:
-    """(this run's checkpoints in ``out``, oldest first; the one to resume from or None). A checkpoint of another
-    run is never resumed and never deleted: a fresh run beside one, or ``resume: latest`` with only such, is
-    refused in one line saying what differs."""
+def claim_output(cfg: TrainConfig, out: Path, family: str) -> Tuple[ckpt.RunFolder, Optional[Path]]:
+    """What ``out`` holds, checked against this run (:meth:`checkpoint.RunFolder.claim`: nothing that is not
+    this run's is ever deleted or replaced; a run of its own is never restarted silently), and the checkpoint to
+    resume from (None: a fresh start)."""
     run_id = ckpt.identity(cfg.to_dict(), family)
-    found = ckpt.scan(out)
-    ours = [f.path for f in found if f.identity == run_id]
-    foreign = [f for f in found if f.identity != run_id]
-    if foreign and not (cfg.resume and ours):
-        f = foreign[-1]
-        if f.identity is None:
-            raise UsageError(f"{out} holds {f.path.name}, which cannot be read ({f.problem}); it is kept: move it "
-                             "away or choose another output_dir")
-        raise UsageError(f"{out} holds {f.path.name} of another run ({'; '.join(ckpt.differences(run_id, f.identity)[:3])}); "
-                         "it is kept: resume it with its own config, move it away, or choose another output_dir")
-    if not cfg.resume or (cfg.resume == "latest" and not ours):
-        return ours, None
-    path = ours[-1] if cfg.resume == "latest" else Path(cfg.resume)
-    ckpt.check_resumable(path, run_id, cfg.max_steps)
-    return ours, path
+    folder = ckpt.RunFolder.survey(out, run_id)
+    folder.claim(cfg.resume, cfg.overwrite)
+    if not cfg.resume:
+        return folder, None
+    path = folder.ours[-1] if cfg.resume == "latest" else Path(cfg.resume)
+    start = ckpt.check_resumable(path, run_id, cfg.max_steps)
+    folder.check_collisions(start, cfg.max_steps, cfg.checkpointing_steps)
+    return folder, path
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Check the config, the images and the model, load the pipeline and inject the adapters; writes nothing."""
     cfg.validate()
-    out = check_output(cfg.output_dir, "output_dir", folder=True)
+    out = check_output(cfg.output_dir, "output_dir", folder=True, writes=WRITES,
+                       inputs=(cfg.data_dir, cfg.class_data_dir, cfg.model, cfg.eval_clip_model, cfg.eval_dino_model))
     check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
     if cfg.class_data_dir:
         check_images(find_images(cfg.class_data_dir, what="class_data_dir"))
@@ -238,7 +286,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise UsageError(str(e)) from None
     network.family = family.name
     cfg.tlora = tl
-    ours, resume_from = _own_checkpoints(cfg, out, family.name)
+    folder, resume_from = claim_output(cfg, out, family.name)
     if cfg.official_flags:     # the official layout holds UNet attention projections only: refuse others now
         try:
             to_official(network.state_dict(), weights.header_of(network))
@@ -251,7 +299,7 @@ def setup(cfg: TrainConfig) -> Run:
             embedder = Embedder(cfg.eval_clip_model, cfg.eval_dino_model)
         except UsageError as e:
             raise UsageError(f"eval_clip_model / eval_dino_model: {e}") from None
-    return Run(cfg, out, resume_from, ours, pipe, den, family, resolution, examples, class_examples, network,
+    return Run(cfg, out, resume_from, folder, pipe, den, family, resolution, examples, class_examples, network,
                embedder)
 
 
@@ -361,7 +409,9 @@ class Outputs:
         self.best: Optional[float] = None
         self.writer = None
         self.last_checkpoint = None
-        self.ours = list(run.own_checkpoints)        # keep-last-K prunes only these
+        if self.main and cfg.overwrite:
+            run.folder.clear_own()                       # --overwrite: this run's earlier results, nothing else
+        self.ours = list(run.folder.ours)                # keep-last-K prunes only these
         if self.main:
             out.mkdir(parents=True, exist_ok=True)       # samples/ appears with its first grid
             self.writer = SummaryWriter(str(out / "logs"))
@@ -380,10 +430,21 @@ class Outputs:
             net = self.run.network
             extra = (lambda folder: official.write_weights(net.state_dict(), weights.header_of(net), folder)) \
                 if self.run.cfg.official_flags else None
+            mine = self.run.out / f"checkpoint-{step}" in self.ours
             path = ckpt.save_checkpoint(self.run.out, step, net, opt.optimizer, opt.lr_scheduler, opt.gen,
-                                        self.metadata, extra)
+                                        self.metadata, extra, replace=mine)
             self.ours = ckpt.prune([p for p in self.ours if p != path] + [path], self.run.cfg.checkpoints_total_limit)
             self.last_checkpoint = path
+
+    def interrupted(self, step: int, opt: Optimization) -> Optional[Path]:
+        """A stop signal at the end of ``step``: its checkpoint (saved now unless the step just saved one), the
+        logs flushed; returns the checkpoint's path (on the main process)."""
+        if self.main:
+            if self.last_checkpoint != self.run.out / f"checkpoint-{step}":
+                self.checkpoint(step, opt)
+            self.writer.close()
+        self.acc.wait_for_everyone()
+        return self.run.out / f"checkpoint-{step}"
 
     def validate(self, step: int) -> None:
         """Sample the validation prompts through ``attach`` (the same masked path as ``tlora generate``)."""

@@ -74,6 +74,7 @@ class TrainConfig:
     checkpointing_steps: int = 100
     checkpoints_total_limit: Optional[int] = 3   # keep the last K checkpoints
     resume: Optional[str] = None                 # latest | path to a checkpoint-N folder
+    overwrite: bool = False                      # train a run of this config in output_dir again from step 0
     device: Optional[str] = None                 # None → accelerate's choice
     tlora: TLoRAConfig = field(default_factory=lambda: TLoRAConfig(target_module=()))
 

@@ -96,7 +96,8 @@ def personalise(model: Path, concept, method: Method, rank: int, steps: int, see
     cfg = TrainConfig(model=str(model), data_dir=str(data), output_dir=str(out / "run"), resolution=32,
                       max_steps=steps, batch_size=batch, learning_rate=lr, seed=seed,
                       checkpointing_steps=every or steps, checkpoints_total_limit=None if every else 1,
-                      num_validation_images=0, device="cpu", tlora=method.config(rank))
+                      num_validation_images=0, device="cpu", tlora=method.config(rank),
+                      overwrite=True)      # the study owns its work folders: a rerun trains again
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return train(cfg)
