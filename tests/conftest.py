@@ -44,3 +44,31 @@ def with_flags(argv, flags, drop=(), repeatable=("--prompt",)):
         else:
             argv += pair
     return argv
+
+
+# the official processor's projections → the key stem it saves (save_attn_procs)
+OFFICIAL = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+
+
+def official_checkpoint(unet, variant, rank, seed=0):
+    """An official-format file, as save_attn_procs writes it, with trained-looking random tensors."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in unet.named_modules():
+        if type(mod).__name__ != "Attention":
+            continue
+        for proj, key in OFFICIAL.items():
+            lin = mod.get_submodule(proj)
+            pre = f"{name}.processor.{key}_lora"
+            if variant == "lora":
+                sd[f"{pre}.down.weight"] = torch.randn(rank, lin.in_features, generator=g) / rank
+                sd[f"{pre}.up.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.05
+            else:
+                q0 = torch.linalg.qr(torch.randn(lin.in_features, rank, generator=g))[0].T.contiguous()
+                p0 = torch.linalg.qr(torch.randn(lin.out_features, rank, generator=g))[0].contiguous()
+                lam0 = torch.rand(1, rank, generator=g)
+                sd[f"{pre}.base_q.weight"], sd[f"{pre}.base_p.weight"], sd[f"{pre}.base_lambda"] = q0, p0, lam0
+                sd[f"{pre}.q_layer.weight"] = q0 + 0.05 * torch.randn(q0.shape, generator=g)
+                sd[f"{pre}.p_layer.weight"] = p0 + 0.05 * torch.randn(p0.shape, generator=g)
+                sd[f"{pre}.lambda_layer"] = lam0 * 1.3
+    return sd

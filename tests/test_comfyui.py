@@ -117,7 +117,7 @@ def test_lycoris_file_made_by_lycoris_loads_without_typed_schedule_and_equals_tl
 
 @pytest.mark.parametrize("trainer", ["lora", "ortho_lora"])
 def test_official_checkpoint_with_hparams_beside_it_equals_tlora_load(trainer, loras):
-    from test_formats import official_checkpoint
+    from conftest import official_checkpoint
     den, base = twin("sdxl")
     save_file(official_checkpoint(den, trainer, 4), str(loras / "official.safetensors"))
     hp = {"lora_rank": 4, "min_rank": 2, "alpha_rank_scale": 1.0, "trainer_type": trainer, "sig_type": "last"}
@@ -128,7 +128,7 @@ def test_official_checkpoint_with_hparams_beside_it_equals_tlora_load(trainer, l
 
 
 def test_official_checkpoint_without_hparams_needs_the_schedule_typed_in(loras):
-    from test_formats import official_checkpoint
+    from conftest import official_checkpoint
     from tlora.comfyui import TLoRAComfyError, attached
     den, base = twin("sdxl")
     save_file(official_checkpoint(den, "ortho_lora", 4), str(loras / "bare.safetensors"))
@@ -457,7 +457,7 @@ def test_per_sample_sigmas_in_one_call_equal_single_calls_with_per_module_ranks(
 
 
 def test_an_unreadable_hparams_yml_is_one_line(loras):
-    from test_formats import official_checkpoint
+    from conftest import official_checkpoint
     from tlora.comfyui import TLoRAComfyError
     den, base = twin("sdxl")
     save_file(official_checkpoint(den, "lora", 4), str(loras / "o.safetensors"))

@@ -12,7 +12,7 @@ from tlora.cli import main
 from tlora.formats import detect_format, sgm_path
 from tlora.tiny import build_pipeline
 
-from conftest import perturb, tiny_unet, unet_inputs
+from conftest import OFFICIAL, official_checkpoint, perturb, tiny_unet, unet_inputs
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
@@ -101,33 +101,6 @@ def test_our_lycoris_export_loads_in_lycoris_with_our_full_rank_output(tmp_path,
     assert len(lnet.loras) == len(net.adapters)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 500, c).sample, ours, atol=1e-5, rtol=1e-4)
-
-
-OFFICIAL = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
-
-
-def official_checkpoint(unet, variant, rank, seed=0):
-    """An official-format file, as save_attn_procs writes it, with trained-looking random tensors."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, mod in unet.named_modules():
-        if type(mod).__name__ != "Attention":
-            continue
-        for proj, key in OFFICIAL.items():
-            lin = mod.get_submodule(proj)
-            pre = f"{name}.processor.{key}_lora"
-            if variant == "lora":
-                sd[f"{pre}.down.weight"] = torch.randn(rank, lin.in_features, generator=g) / rank
-                sd[f"{pre}.up.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.05
-            else:
-                q0 = torch.linalg.qr(torch.randn(lin.in_features, rank, generator=g))[0].T.contiguous()
-                p0 = torch.linalg.qr(torch.randn(lin.out_features, rank, generator=g))[0].contiguous()
-                lam0 = torch.rand(1, rank, generator=g)
-                sd[f"{pre}.base_q.weight"], sd[f"{pre}.base_p.weight"], sd[f"{pre}.base_lambda"] = q0, p0, lam0
-                sd[f"{pre}.q_layer.weight"] = q0 + 0.05 * torch.randn(q0.shape, generator=g)
-                sd[f"{pre}.p_layer.weight"] = p0 + 0.05 * torch.randn(p0.shape, generator=g)
-                sd[f"{pre}.lambda_layer"] = lam0 * 1.3
-    return sd
 
 
 def official_delta(sd, attn, key, x, mask):

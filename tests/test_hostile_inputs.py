@@ -23,7 +23,7 @@ from tlora.tiny import build_pipeline
 from tlora.weights import write_native
 
 from conftest import perturb, with_flags
-from test_formats import official_checkpoint
+from conftest import official_checkpoint
 
 DROP = object()     # a key to leave out of a config (None stays: it is JSON null)
 DEEP = '{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"

@@ -19,7 +19,7 @@ from tlora.tiny import build_pipeline
 from tlora.weights import network_from_state
 
 from conftest import with_flags
-from test_formats import official_checkpoint
+from conftest import official_checkpoint
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
 

@@ -285,6 +285,8 @@ def save_checkpoint(output_dir: Path, step: int, network, optimizer, lr_schedule
                                                    indent=1, default=float, allow_nan=False))
         if extra is not None:
             extra(tmp)
+        for f in tmp.iterdir():
+            plain_mode(f)
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         plain_mode(tmp, directory=True)

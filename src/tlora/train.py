@@ -184,6 +184,13 @@ class RunLock:
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
 
+    @staticmethod
+    def check(out: Path) -> None:
+        """Before any work: a ``.tlora.lock`` that is not a plain file (a folder, a symlink) is refused."""
+        lock = out / ".tlora.lock"
+        if os.path.lexists(lock) and (lock.is_symlink() or not lock.is_file()):
+            raise UsageError(f"{show(lock)} is not a lock file a tlora run wrote (a folder or a symlink); remove it")
+
     def _owner(self) -> Optional[int]:
         try:
             return int(self.path.read_text().strip())
@@ -265,6 +272,7 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.validate()
     out = check_output(cfg.output_dir, "output_dir", folder=True, writes=WRITES,
                        inputs=(cfg.data_dir, cfg.class_data_dir, cfg.model, cfg.eval_clip_model, cfg.eval_dino_model))
+    RunLock.check(out)
     check_images(find_images(cfg.data_dir, cfg.one_image))  # cheap checks before the model loads
     if cfg.class_data_dir:
         check_images(find_images(cfg.class_data_dir, what="class_data_dir"))

@@ -1,0 +1,294 @@
+"""Nothing is lost and nothing silently changes: one test per data-loss scenario of the run folder and of a
+command whose output is one of its inputs, and SIGINT / SIGTERM keeping the work of a run.
+
+Every refusal is one line on stderr, exit 2, and every file that was there before is byte-identical after.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import tlora
+import tlora.train
+from tlora.cli import main
+from tlora.tiny import build_pipeline
+
+from conftest import perturb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    pipe = build_pipeline("sd15")
+    pipe.save_pretrained(root / "model")
+    (root / "data").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / "data" / f"{i}.png")
+    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))
+    perturb(net)
+    tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
+    return root
+
+
+def config(world, out, **kw):
+    d = {"model": str(world / "model"), "data_dir": str(world / "data"), "output_dir": str(out), "resolution": 32,
+         "max_steps": 2, "checkpointing_steps": 1, "checkpoints_total_limit": None, "validation_steps": 0,
+         "num_validation_images": 0, "device": "cpu", "tlora": {"rank": 4}, **kw}
+    return d
+
+
+def write_config(path, d):
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def tree(p: Path):
+    """Every file under ``p`` with its bytes (None when ``p`` does not exist)."""
+    if not p.exists():
+        return None
+    return {str(q.relative_to(p)): q.read_bytes() for q in sorted(p.rglob("*")) if q.is_file()}
+
+
+def refused(capsys, argv, says):
+    """``tlora argv`` exits 2 with one stderr line containing ``says``."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and says in err[0] and "Traceback" not in err[0], (rc, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished 2-step run (checkpoints 1 and 2, final weights), to copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--config", write_config(out.parent / "c.json", config(world, out))]) == 0
+    return out
+
+
+# -- the run folder -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_steps", [2, 1, 4])
+def test_a_rerun_into_a_finished_run_is_refused_and_changes_nothing(world, finished, tmp_path, capsys, max_steps):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = tree(out)
+    c = write_config(tmp_path / "c.json", config(world, out, max_steps=max_steps))
+    line = refused(capsys, ["train", "--config", c], "holds a finished run")
+    assert "--resume latest" in line and "--overwrite" in line
+    assert tree(out) == before
+
+
+def test_an_unfinished_run_of_this_config_is_not_restarted_silently(world, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "tlora.safetensors").unlink()
+    shutil.rmtree(out / "checkpoint-2")
+    before = tree(out)
+    refused(capsys, ["train", "--config", write_config(tmp_path / "c.json", config(world, out, max_steps=4))],
+            "this run's checkpoint-1")
+    assert tree(out) == before
+
+
+def test_resume_continues_a_finished_run_to_more_steps(world, finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    steps = []
+    cfg = tlora.trainconfig.TrainConfig.from_dict(config(world, out, max_steps=4, resume="latest"))
+    tlora.train.train(cfg, on_step=lambda s, loss: steps.append(s))
+    assert steps == [3, 4]
+    assert tlora.weights.read_header(out / "tlora.safetensors")["training"]["config"]["max_steps"] == 4
+
+
+def test_overwrite_trains_again_from_step_0_and_removes_only_its_own_results(world, finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-7").mkdir()                               # a user's folder named like a checkpoint…
+    (out / "checkpoint-7" / "x.txt").write_text("keep")          # … is not this run's: refused even with overwrite
+    c = write_config(tmp_path / "c.json", config(world, out, max_steps=1))
+    assert main(["train", "--config", c, "--overwrite"]) == 2
+    shutil.rmtree(out / "checkpoint-7")
+    assert main(["train", "--config", c, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]   # the old checkpoint-2 went
+    assert (out / "notes.txt").read_text() == "mine"
+    assert tlora.weights.read_header(out / "tlora.safetensors")["training"]["config"]["max_steps"] == 1
+
+
+def test_another_runs_final_weights_are_never_overwritten(world, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(finished / "tlora.safetensors", out / "tlora.safetensors")     # final weights only, no checkpoints
+    before = tree(out)
+    c = write_config(tmp_path / "c.json", config(world, out, tlora={"rank": 8}))
+    for extra in ([], ["--overwrite"]):
+        refused(capsys, ["train", "--config", c, *extra], "tlora.safetensors of another run (tlora.rank: 4 → 8)")
+    assert tree(out) == before
+
+
+def test_resume_latest_never_replaces_a_folder_of_another_run_or_user_named_like_a_checkpoint(world, finished,
+                                                                                              tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "holiday.jpg").write_bytes(b"a user's photo")
+    before = tree(out)
+    c = write_config(tmp_path / "c.json", config(world, out, max_steps=4))
+    refused(capsys, ["train", "--config", c, "--resume", "latest"], "would write checkpoint-3 at step 3")
+    assert tree(out) == before
+    c = write_config(tmp_path / "c2.json", config(world, out, max_steps=4, checkpointing_steps=2))
+    assert main(["train", "--config", c, "--resume", "latest"]) == 0      # step 3 writes no checkpoint: allowed
+    assert (out / "checkpoint-3" / "holiday.jpg").read_bytes() == b"a user's photo"
+
+
+def test_resume_with_no_checkpoint_is_an_error_not_a_fresh_start(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    c = write_config(tmp_path / "c.json", config(world, out))
+    refused(capsys, ["train", "--config", c, "--resume", "latest"], "holds no checkpoint of this run")
+    assert not out.exists()
+    refused(capsys, ["train", "--config", c, "--resume", "latest", "--overwrite"], "not both")
+
+
+def test_official_flags_resume_to_more_epochs(world, tmp_path):
+    out = tmp_path / "off"
+    flags = [f"--pretrained_model_name_or_path={world / 'model'}", f"--train_data_dir={world / 'data'}",
+             f"--output_dir={out}", "--trainer_type=ortho_lora", "--class_name=dog", "--placeholder_token=sks",
+             "--lora_rank=4", "--min_rank=2", "--resolution=32", "--checkpointing_steps=1",
+             "--num_val_imgs_per_prompt=0", "--device", "cpu"]
+    assert main(["train", *flags, "--num_train_epochs=1"]) == 0
+    assert main(["train", *flags, "--num_train_epochs=2", "--resume", "latest"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("kind", ["dangling symlink", "symlink loop", "lock is a folder"])
+def test_a_broken_output_dir_is_refused_before_the_model_loads(world, tmp_path, capsys, monkeypatch, kind):
+    out = tmp_path / "run"
+    if kind == "dangling symlink":
+        out.symlink_to(tmp_path / "nowhere")
+    elif kind == "symlink loop":
+        out.symlink_to(tmp_path / "run")
+    else:
+        (out / ".tlora.lock").mkdir(parents=True)
+    monkeypatch.setattr(tlora.train, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    says = ".tlora.lock" if kind == "lock is a folder" else "symlink"
+    refused(capsys, ["train", "--config", write_config(tmp_path / "c.json", config(world, out))], says)
+    assert os.path.lexists(out)
+
+
+def test_checkpoint_files_follow_the_umask(world, finished):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (finished / "checkpoint-1").iterdir()}
+    want = 0o666 & ~_umask()
+    assert modes == {"tlora.safetensors": want, "state.safetensors": want, "state.json": want}, modes
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# -- a command whose output is one of its inputs -----------------------------------------------------------------
+@pytest.mark.parametrize("link", [False, True])
+def test_no_command_writes_over_its_input(world, tmp_path, capsys, link):
+    """convert onto its input, inspect --plot onto the weights, evaluate --out onto a reference image or a
+    generated image; through a symlink too. Every input keeps its bytes."""
+    w = tmp_path / "w.safetensors"
+    shutil.copy(world / "w.safetensors", w)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "imgs" / "0.png")
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (200, 9, 9)).save(ref)
+
+    def target(p):
+        if not link:
+            return str(p)
+        q = tmp_path / f"link-to-{p.name}"
+        if not q.is_symlink():
+            q.symlink_to(p)
+        return str(q)
+    before = {p: p.read_bytes() for p in (w, ref, tmp_path / "imgs" / "0.png")}
+    refused(capsys, ["convert", str(w), target(w), "--to", "diffusers"], "is the input")
+    refused(capsys, ["inspect", str(w), "--plot", target(w)], "is the input")
+    ev = ["evaluate", "--images", str(tmp_path / "imgs"), "--reference", str(ref), "--clip", "none", "--dino", "none"]
+    refused(capsys, ev + ["--out", target(ref)], "is the input")
+    refused(capsys, ev + ["--out", target(tmp_path / "imgs" / "0.png")], "input")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_demo_over_an_earlier_demo_is_refused(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "T-LoRA").mkdir(parents=True)
+    (out / "lora-vs-tlora.png").write_bytes(b"an earlier demo")
+    before = tree(out)
+    refused(capsys, ["demo", "--out", str(out), "--steps", "1"], "--overwrite")
+    assert tree(out) == before
+
+
+def test_a_placeholder_token_cannot_make_official_inference_write_outside_samples(world, tmp_path):
+    import yaml
+    from safetensors.torch import save_file
+    from conftest import official_checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    unet = build_pipeline("sd15").unet
+    save_file(official_checkpoint(unet, "ortho_lora", 4), str(run / "checkpoint-1" / "pytorch_lora_weights.safetensors"))
+    hp = {"pretrained_model_name_or_path": str(world / "model"), "output_dir": str(run), "trainer_class": "sdxl_tlora",
+          "trainer_type": "ortho_lora", "lora_rank": 4, "min_rank": 2, "alpha_rank_scale": 1.0,
+          "placeholder_token": "../../../../ESCAPED", "class_name": "dog"}
+    (run / "logs").mkdir()
+    (run / "logs" / "hparams.yml").write_text(yaml.safe_dump(hp))
+    assert main(["generate", "--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1",
+                 "--prompts", "a {0}", "--num_images_per_prompt", "1", "--num_inference_steps", "1"]) == 0
+    written = [p for p in tmp_path.rglob("*.png")]
+    samples = run / "checkpoint-1" / "samples"
+    assert written and all(samples in p.parents for p in written), written
+    assert not list(tmp_path.rglob("ESCAPED"))
+
+
+# -- interruption ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_saves_the_step_and_resume_is_bit_identical(world, tmp_path, capsys, monkeypatch, sig, code):
+    """The signal arrives during step 2 of 4 (checkpointing_steps 100: no checkpoint would be written): the step
+    finishes, checkpoint-2 is saved, one line names it and the resume command, exit 128 + signal; resuming gives
+    the weights of an uninterrupted run bit for bit."""
+    whole = tmp_path / "whole"
+    d = dict(max_steps=4, checkpointing_steps=100)
+    assert main(["train", "--config", write_config(tmp_path / "w.json", config(world, whole, **d))]) == 0
+    out = tmp_path / "run"
+    c = write_config(tmp_path / "c.json", config(world, out, **d))
+    real = tlora.train.train_step
+
+    def step_with_signal(run, data, opt, acc, step, last):
+        result = real(run, data, opt, acc, step, last)
+        if step == 1:
+            os.kill(os.getpid(), sig)
+        return result
+    monkeypatch.setattr(tlora.train, "train_step", step_with_signal)
+    capsys.readouterr()
+    assert main(["train", "--config", c]) == code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("train:")]
+    assert len(err) == 1 and "checkpoint-2" in err[0] and f"--config {c} --resume latest" in err[0], err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "tlora.safetensors").exists() and not (out / ".tlora.lock").exists()
+    monkeypatch.setattr(tlora.train, "train_step", real)
+    assert main(["train", "--config", c, "--resume", "latest"]) == 0
+    a, _ = tlora.weights.read(whole / "tlora.safetensors")
+    b, _ = tlora.weights.read(out / "tlora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler          # handlers are back
+
+
+def test_the_hostile_table_does_not_need_lycoris():
+    code = ("import sys; sys.modules['lycoris'] = None; sys.path[:0] = ['tests', '.']; "
+            "import test_hostile_inputs, test_official, test_trust; print(len(test_hostile_inputs.CASES))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and int(r.stdout.split()[-1]) >= 100, r.stderr[-2000:]
