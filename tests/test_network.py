@@ -214,13 +214,19 @@ def test_ortho_rank_wider_than_a_layer_is_clamped_with_its_own_schedule(unet):
 
 
 @pytest.mark.parametrize("bad,says", [
-    ({"linear_dim": 3.7}, "linear_dim must be an integer, got 3.7"),
-    ({"linear_dim": True}, "linear_dim must be an integer, got True"),
-    ({"linear_dim": 4, "tlora_min_rank": True}, "tlora_min_rank must be an integer"),
-    ({"linear_dim": 4, "tlora_min_rank": 1.5}, "tlora_min_rank must be an integer"),
-    ({"linear_dim": 4, "tlora_alpha": True}, "tlora_alpha must be a number"),
-    ({"linear_dim": 4, "multiplier": "1"}, "multiplier must be a number"),
-    ({"linear_dim": 4, "conv_dim": 2.5}, "conv_dim must be an integer"),
+    ({"linear_dim": 3.7}, "linear_dim in LyCORIS config must be an integer >= 1 and <= 4096, got 3.7"),
+    ({"linear_dim": True}, "linear_dim in LyCORIS config must be an integer >= 1 and <= 4096, got True"),
+    ({"linear_dim": 4, "tlora_min_rank": True}, "tlora_min_rank in LyCORIS config must be an integer"),
+    ({"linear_dim": 4, "tlora_min_rank": 1.5}, "tlora_min_rank in LyCORIS config must be an integer"),
+    ({"linear_dim": 4, "tlora_alpha": True}, "tlora_alpha in LyCORIS config must be a finite number"),
+    ({"linear_dim": 4, "multiplier": "1"}, "multiplier in LyCORIS config must be a finite number"),
+    ({"linear_dim": 4, "conv_dim": 2.5}, "conv_dim in LyCORIS config must be an integer"),
+    ({"linear_dim": 4, "linear_alpha": None}, "linear_alpha in LyCORIS config must be given"),
+    ({"linear_dim": 4, "use_data_init": "false"}, "use_data_init in LyCORIS config must be true or false"),
+    ({"linear_dim": 4, "conv_alpha": float("nan")}, "conv_alpha in LyCORIS config must be a finite number"),
+    ({"linear_dim": 4, "tlora_min_rank": 5}, "tlora_min_rank in LyCORIS config must be <= rank"),
+    ({"linear_dim": 4, "apply_preset": {"target_name": "down_blocks"}}, "apply_preset.target_name .* list of strings"),
+    ({"linear_dim": 4, "apply_preset": {"exclude_name": ["("]}}, "apply_preset.exclude_name .* regular expressions"),
 ])
 def test_lycoris_values_of_the_wrong_type_are_refused_never_coerced(bad, says):
     with pytest.raises(ValueError, match=says):

@@ -27,6 +27,7 @@ from .formats import read_state, summary, write_state
 from .processors import use_pil_image_processors
 from .quantize import import_backends
 from .schedule import RankSchedule
+from .settings import add_flag
 from .trainconfig import OFFICIAL_FLAGS, load_config
 from .weights import WeightsFileError, network_from_state
 
@@ -210,8 +211,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, print the expected peak memory (tlora memory) and exit; writes nothing")
     off = p.add_argument_group("official T-LoRA flags (ControlGenAI/T-LoRA train.py)")
-    for flag, typ in OFFICIAL_FLAGS.items():
-        off.add_argument(f"--{flag}", type=typ, default=None, help=argparse.SUPPRESS)
+    for flag, where in OFFICIAL_FLAGS.items():     # each flag typed and ranged by the field it sets (the schema)
+        if where is None:
+            off.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
+        else:
+            add_flag(off, f"--{flag}", *where, default=None, help_hidden=True)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:

@@ -12,118 +12,87 @@ Defaults follow the source of a config, so each reproduces its own tool:
 """
 from __future__ import annotations
 
-import difflib
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Optional
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 
+from . import settings as S
 from .functional import SIG_TYPES, SVD_METHODS
 from .layers import INITS, VARIANTS
-
-
-def _exact(d: dict, key: str, kind: type, default=None):
-    """``d[key]`` (or ``default`` when absent) if it is exactly a ``kind``: no bool for a number, no 3.7 truncated
-    to 3 for an int (an int is a fine float). A LyCORIS config value of another type is an error naming the key."""
-    v = d.get(key, default)
-    ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
-        (isinstance(v, (int, float)) and not isinstance(v, bool))
-    if not ok:
-        raise ValueError(f"LyCORIS config {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    return v
-
-
-def unknown_keys_error(what: str, keys, known) -> ValueError:
-    """One line naming unknown keys and the closest known spelling of each."""
-    parts = []
-    for k in sorted(keys):
-        close = difflib.get_close_matches(k, list(known), n=1)
-        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ValueError(f"unknown {what} key(s): {', '.join(parts)}")
-
-
-def check_fields(d: dict, cls, what: str) -> None:
-    """Refuse keys of ``d`` that are not fields of the dataclass ``cls`` (one line, closest spellings)."""
-    known = {f.name for f in fields(cls)}
-    bad = set(d) - known
-    if bad:
-        raise unknown_keys_error(what, bad, known)
-
+from .settings import MAX_RANK, SettingError, setting
 
 # per-module overrides allowed in module_algo_map
-OVERRIDE_KEYS = {"rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd"}
+OVERRIDE_KEYS = ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd")
+Names = Tuple[str, ...]
 
 
 @dataclass
 class TLoRAConfig:
-    rank: int = 64                        # R = max_rank = linear_dim
-    alpha: Optional[float] = None         # lora alpha; scale = alpha / rank; None or 0 → rank (scale 1)
-    min_rank: int = 1                     # Rmin = tlora_min_rank
-    exponent: float = 1.0                 # schedule exponent α = tlora_alpha = alpha_rank_scale
-    variant: str = "ortho"                # "ortho" (paper's T-LoRA) or "vanilla"
-    init: str = "random"                  # ortho init: "random" (paper) or "weight" (LyCORIS)
-    sig_type: str = "last"                # ortho singular triplets: principal | last | middle
-    svd: str = "auto"                     # "exact" full SVDs (LyCORIS-identical) or "auto" (fast, see functional)
-    multiplier: float = 1.0
-    num_train_timesteps: int = 1000
-    conv_rank: Optional[int] = None       # rank of Conv2d layers; None → rank (LyCORIS conv_dim default)
-    conv_alpha: Optional[float] = None    # None → alpha
-    target_module: tuple = ("Attention",)  # class names; every Linear/Conv2d inside is wrapped
-    target_name: tuple = ()               # module paths: exact or re.match pattern (fnmatch if use_fnmatch)
-    exclude_name: tuple = ()              # same matching; excluded paths are never wrapped
-    use_fnmatch: bool = False
-    module_algo_map: dict = field(default_factory=dict)  # class name or module path → overrides (also targets)
+    rank: Annotated[int, setting("adapter rank R (the most ranks active, at t = 0)", ge=1, le=MAX_RANK,
+                                 lycoris="linear_dim", official="lora_rank", comfyui="rank")] = 64
+    alpha: Annotated[Optional[float], setting("LoRA alpha: scale = alpha / rank; null or 0: scale 1",
+                                              lycoris="linear_alpha")] = None
+    min_rank: Annotated[int, setting("Rmin: ranks active at the noisiest step (<= rank)", ge=1, le=MAX_RANK,
+                                     lycoris="tlora_min_rank", official="min_rank", comfyui="min_rank")] = 1
+    exponent: Annotated[float, setting("schedule exponent α of r(t)", gt=0, le=1000, lycoris="tlora_alpha",
+                                       official="alpha_rank_scale", comfyui="exponent")] = 1.0
+    variant: Annotated[Literal[VARIANTS], setting("adapter form: ortho (the paper's T-LoRA) or vanilla LoRA",
+                                                  lycoris="tlora_variant")] = "ortho"
+    init: Annotated[Literal[INITS], setting("ortho init: SVD of a random matrix (paper) or of the weight (LyCORIS)",
+                                            lycoris="tlora_init")] = "random"
+    sig_type: Annotated[Literal[SIG_TYPES], setting("which singular triplets the ortho init takes",
+                                                    lycoris="sig_type", official="sig_type")] = "last"
+    svd: Annotated[Literal[SVD_METHODS], setting("exact full SVDs (LyCORIS-identical) or auto (fast)")] = "auto"
+    multiplier: Annotated[float, setting("adapter strength while training", gt=0, le=1000,
+                                         lycoris="multiplier")] = 1.0
+    num_train_timesteps: Annotated[int, setting("T, the denoiser's training timesteps", ge=1, le=S.MAX_STEPS,
+                                                lycoris="num_train_timesteps")] = 1000
+    conv_rank: Annotated[Optional[int], setting("rank of Conv2d layers; null: rank", ge=1, le=MAX_RANK,
+                                                lycoris="conv_dim")] = None
+    conv_alpha: Annotated[Optional[float], setting("alpha of Conv2d layers; null: alpha",
+                                                   lycoris="conv_alpha")] = None
+    target_module: Annotated[Names, setting("class names whose Linear / Conv2d layers get adapters",
+                                            strict=False)] = ("Attention",)
+    target_name: Annotated[Names, setting("module paths: exact, or regular expressions (fnmatch with "
+                                          "use_fnmatch)", strict=False)] = ()
+    exclude_name: Annotated[Names, setting("module paths never adapted (same matching)", strict=False)] = ()
+    use_fnmatch: Annotated[bool, setting("match target_name / exclude_name as shell patterns")] = False
+    module_algo_map: Annotated[Dict[str, Dict[str, Any]], setting(
+        "class name or module path → per-module overrides of rank, alpha, variant, min_rank, exponent, init, "
+        "sig_type, svd (also targets)")] = field(default_factory=dict)
 
     def __post_init__(self):
-        for k in ("target_module", "target_name", "exclude_name"):
-            v = getattr(self, k)
-            if not isinstance(v, (list, tuple)) or not all(isinstance(i, str) for i in v):
-                raise ValueError(f"{k} must be a list of strings, got {v!r}")
-            setattr(self, k, tuple(v))
-        if not isinstance(self.module_algo_map, dict) or not all(isinstance(v, dict) for v in self.module_algo_map.values()):
-            raise ValueError(f"module_algo_map must map names to settings objects, got {self.module_algo_map!r}")
-        if not isinstance(self.use_fnmatch, bool):
-            raise ValueError(f"use_fnmatch must be true or false, got {self.use_fnmatch!r}")
+        S.check(self)
         self.module_algo_map = {k: dict(v) for k, v in self.module_algo_map.items()}
-        self.check_settings(self.__dict__, "")
-        if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or isinstance(self.conv_rank, bool)
-                                           or self.conv_rank < 1):
-            raise ValueError(f"conv_rank must be an int >= 1 or None, got {self.conv_rank!r}")
-        if isinstance(self.multiplier, bool) or not (isinstance(self.multiplier, (int, float))
-                                                       and math.isfinite(self.multiplier)):
-            raise ValueError(f"multiplier must be a finite number, got {self.multiplier!r}")
-        if not isinstance(self.num_train_timesteps, int) or isinstance(self.num_train_timesteps, bool) or \
-                self.num_train_timesteps <= 0:
-            raise ValueError(f"num_train_timesteps must be an int > 0, got {self.num_train_timesteps!r}")
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """The rules between fields (each field's own type and range are the schema's): Rmin <= R everywhere,
+        patterns that compile, overrides that are settings."""
+        self.check_settings(self.layer_kwargs(), "")
+        if self.conv_rank is not None and self.conv_rank < self.min_rank:
+            raise SettingError("conv_rank", f">= min_rank ({self.min_rank}) or null", self.conv_rank)
+        if not self.use_fnmatch:
+            for key in ("target_name", "exclude_name"):
+                for pattern in getattr(self, key):
+                    try:
+                        re.compile(pattern)
+                    except re.error as e:
+                        raise SettingError(key, f"a list of valid regular expressions ({e})", pattern) from None
         for key, over in self.module_algo_map.items():
-            bad = set(over) - OVERRIDE_KEYS
+            bad = set(over) - set(OVERRIDE_KEYS)
             if bad:
-                raise unknown_keys_error(f"module_algo_map[{key!r}]", bad, OVERRIDE_KEYS)
+                raise S.unknown_keys(bad, OVERRIDE_KEYS, f"module_algo_map[{key!r}]")
             self.check_settings({**self.layer_kwargs(), **over}, f"module_algo_map[{key!r}].")
 
     @staticmethod
-    def check_settings(d: dict, where: str) -> None:
-        """One adapter's settings (rank, min_rank, exponent, alpha, variant, init, sig_type, svd) in range and of
-        their exact types; ValueError naming ``where`` + the key otherwise."""
-        rank, min_rank = d["rank"], d["min_rank"]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"{where}rank must be an int >= 1, got {rank!r}")
-        if not isinstance(min_rank, int) or isinstance(min_rank, bool) or min_rank < 1:
-            raise ValueError(f"{where}min_rank must be an int >= 1, got {min_rank!r}")
-        if min_rank > rank:
-            raise ValueError(f"{where}min_rank ({min_rank}) must not exceed rank ({rank})")
-        e = d["exponent"]
-        if not (isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e > 0):
-            raise ValueError(f"{where}exponent must be a number > 0, got {e!r}")
-        if d["alpha"] is not None and not (isinstance(d["alpha"], (int, float)) and math.isfinite(d["alpha"])):
-            raise ValueError(f"{where}alpha must be a number or null, got {d['alpha']!r}")
-        if d["variant"] not in VARIANTS:
-            raise ValueError(f"{where}variant must be one of {VARIANTS}, got {d['variant']!r}")
-        if d["init"] not in INITS:
-            raise ValueError(f"{where}init must be one of {INITS}, got {d['init']!r}")
-        if d["sig_type"] not in SIG_TYPES:
-            raise ValueError(f"{where}sig_type must be one of {SIG_TYPES}, got {d['sig_type']!r}")
-        if d["svd"] not in SVD_METHODS:
-            raise ValueError(f"{where}svd must be one of {SVD_METHODS}, got {d['svd']!r}")
+    def check_settings(d: dict, where: str) -> dict:
+        """One adapter's settings (rank, min_rank, exponent, alpha, variant, init, sig_type, svd), each against
+        the schema, and min_rank <= rank; SettingError naming ``where`` + the key. Returns them normalised."""
+        out = {k: S.check_value(TLoRAConfig, k, d[k], where) for k in OVERRIDE_KEYS}
+        if out["min_rank"] > out["rank"]:
+            raise SettingError(f"{where}min_rank", f"<= rank ({out['rank']})", out["min_rank"])
+        return out
 
     # -- per-layer settings --------------------------------------------------------------------------
     def layer_kwargs(self) -> dict:
@@ -141,7 +110,8 @@ class TLoRAConfig:
             if k in self.module_algo_map:
                 kw.update(self.module_algo_map[k])
                 break
-        kw["min_rank"] = min(kw["min_rank"], kw["rank"])
+        if kw["min_rank"] > kw["rank"]:        # never clamped: that would switch the mask off
+            raise SettingError("min_rank", f"<= the layer's rank ({kw['rank']})", kw["min_rank"])
         return kw
 
     # -- (de)serialisation ---------------------------------------------------------------------------
@@ -152,9 +122,9 @@ class TLoRAConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TLoRAConfig":
-        check_fields(d, cls, "T-LoRA config")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "T-LoRA config") -> "TLoRAConfig":
+        """Our JSON (field names as keys); SettingError / UsageError naming the key and ``source``."""
+        return S.parse(cls, d, source)
 
     def replace(self, **kw) -> "TLoRAConfig":
         return replace(self, **kw)
@@ -166,64 +136,10 @@ class TLoRAConfig:
         return self.replace(target_module=tuple(target_module))
 
     @classmethod
-    def from_lycoris(cls, d: dict) -> "TLoRAConfig":
-        """The LyCORIS JSON (``algo: tlora``) as SimpleTuner's ``lycoris_config`` file holds it."""
-        known = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", "conv_alpha",
-                 "tlora_min_rank", "tlora_alpha", "apply_preset", "bypass_mode", "dropout",
-                 "tlora_variant", "tlora_init", "sig_type", "use_data_init", "num_train_timesteps"}
-        bad = set(d) - known
-        if bad:
-            raise unknown_keys_error("LyCORIS config", bad, known)
-        algo = d.get("algo")
-        if algo != "tlora":
-            raise ValueError(f"LyCORIS algo {algo!r} is not supported: tlora reads only algo 'tlora'")
-        if "linear_dim" not in d:
-            raise ValueError("LyCORIS config needs 'linear_dim' (the T-LoRA rank)")
-        if d.get("dropout"):
-            raise ValueError("LyCORIS 'dropout' is not supported by tlora; remove it or set it to 0")
-        preset = d.get("apply_preset") or {}
-        if not isinstance(preset, dict):
-            raise ValueError(f"LyCORIS apply_preset must be an object (target_module, module_algo_map, ...), got {preset!r}")
-        for k in ("module_algo_map", "name_algo_map"):
-            if not isinstance(preset.get(k, {}), dict) or not all(isinstance(v, dict) for v in preset.get(k, {}).values()):
-                raise ValueError(f"LyCORIS apply_preset.{k} must map names to objects, got {preset[k]!r}")
-        preset_known = {"target_module", "target_name", "exclude_name", "module_algo_map",
-                        "name_algo_map", "use_fnmatch", "unet_target_module", "unet_target_name"}
-        bad = set(preset) - preset_known
-        if bad:
-            raise unknown_keys_error("apply_preset", bad, preset_known)
-        rename = {"linear_dim": "rank", "linear_alpha": "alpha", "tlora_min_rank": "min_rank",
-                  "tlora_alpha": "exponent", "tlora_variant": "variant", "tlora_init": "init",
-                  "sig_type": "sig_type"}
-        algo_map = {}
-        for key, over in {**preset.get("module_algo_map", {}), **preset.get("name_algo_map", {})}.items():
-            over = dict(over)
-            a = over.pop("algo", "tlora")
-            if a != "tlora":
-                raise ValueError(f"module_algo_map[{key!r}]: algo {a!r} is not supported (only 'tlora')")
-            bad = set(over) - set(rename)
-            if bad:
-                raise unknown_keys_error(f"module_algo_map[{key!r}]", bad, rename)
-            algo_map[key] = {rename[k]: v for k, v in over.items()}
-        init = d.get("tlora_init")
-        if init is None:
-            init = "weight" if d.get("use_data_init", True) else "random"
-        alpha = d.get("linear_alpha", 1)   # LyCORIS's default linear_alpha is 1
-        return cls(
-            rank=_exact(d, "linear_dim", int), alpha=float(_exact(d, "linear_alpha", float, alpha)) if alpha is not None else None,
-            min_rank=_exact(d, "tlora_min_rank", int, 1), exponent=float(_exact(d, "tlora_alpha", float, 1.0)),
-            variant=d.get("tlora_variant", "ortho"), init=init, sig_type=d.get("sig_type", "principal"),
-            svd="exact",                                  # LyCORIS-identical frozen tensors
-            multiplier=float(_exact(d, "multiplier", float, 1.0)),   # never int(): 0.5 stays 0.5
-            num_train_timesteps=_exact(d, "num_train_timesteps", int, 1000),
-            conv_rank=_exact(d, "conv_dim", int) if d.get("conv_dim") else None,      # LyCORIS: 0 = conv like linear
-            conv_alpha=float(_exact(d, "conv_alpha", float)) if d.get("conv_alpha") is not None else None,
-            target_module=tuple(preset.get("target_module", preset.get("unet_target_module", ("Attention",)))),
-            target_name=tuple(preset.get("target_name", preset.get("unet_target_name", ()))),
-            exclude_name=tuple(preset.get("exclude_name", ())),
-            use_fnmatch=preset.get("use_fnmatch", False),
-            module_algo_map=algo_map,
-        )
+    def from_lycoris(cls, d: dict, source: str = "LyCORIS config") -> "TLoRAConfig":
+        """The LyCORIS JSON (``algo: tlora``) as SimpleTuner's ``lycoris_config`` file holds it. Every key is
+        checked against the schema under its LyCORIS name; a key given null is an error, never a default."""
+        return _from_lycoris(cls, d, source)
 
     @classmethod
     def from_official(cls, trainer_type: str = "ortho_lora", lora_rank: int = 64, min_rank: int = 32,
@@ -231,7 +147,85 @@ class TLoRAConfig:
         """The official repository's flags: LoRA on to_q/to_k/to_v/to_out.0 of every attention, scale 1."""
         variants = {"ortho_lora": "ortho", "lora": "vanilla"}
         if trainer_type not in variants:
-            raise ValueError(f"trainer_type must be one of {sorted(variants)}, got {trainer_type!r}")
-        return cls(rank=lora_rank, alpha=None, min_rank=min_rank, exponent=float(alpha_rank_scale),
-                   variant=variants[trainer_type], init="random", sig_type=sig_type,
-                   target_module=("Attention",), target_name=(), exclude_name=())
+            raise SettingError("trainer_type", "one of " + ", ".join(map(repr, variants)), trainer_type,
+                               spelled="--trainer_type")
+        return S.build(cls, dict(rank=lora_rank, alpha=None, min_rank=min_rank, exponent=alpha_rank_scale,
+                                 variant=variants[trainer_type], init="random", sig_type=sig_type,
+                                 target_module=("Attention",), target_name=(), exclude_name=()),
+                       "the official flags", {f: "--" + k for k, f in S.foreign_names(cls, "official").items()})
+
+
+# -- LyCORIS --------------------------------------------------------------------------------------------------
+# LyCORIS keys that are not TLoRAConfig fields, with their exact types; apply_preset is read below
+LYCORIS_ONLY = {"algo": str, "apply_preset": dict, "bypass_mode": bool, "dropout": (int, float),
+                "use_data_init": bool}
+PRESET_KEYS = {"target_module": "target_module", "unet_target_module": "target_module",
+               "target_name": "target_name", "unet_target_name": "target_name", "exclude_name": "exclude_name",
+               "use_fnmatch": "use_fnmatch"}
+
+
+def _from_lycoris(cls, d: dict, source: str) -> TLoRAConfig:
+    names = S.foreign_names(cls, "lycoris")
+    if not isinstance(d, dict):
+        raise S.UsageError(f"{source} must hold a JSON object, got {d!r:.60}")
+    bad = set(d) - set(names) - set(LYCORIS_ONLY)
+    if bad:
+        raise S.unknown_keys(bad, list(names) + list(LYCORIS_ONLY), source)
+    for k, v in d.items():
+        if v is None:
+            raise SettingError(k, "given (remove the key for its default; null is not a value)", None, source)
+        kind = LYCORIS_ONLY.get(k)
+        if kind is not None and (not isinstance(v, kind) or kind is not bool and isinstance(v, bool)):
+            raise SettingError(k, {str: "a string", dict: "an object", bool: "true or false"}.get(kind, "a number"),
+                               v, source)
+    if d.get("algo") != "tlora":
+        raise S.UsageError(f"LyCORIS algo {d.get('algo')!r} is not supported: tlora reads only algo 'tlora' "
+                           f"({source})")
+    if "linear_dim" not in d:
+        raise S.UsageError(f"{source} needs 'linear_dim' (the T-LoRA rank)")
+    if d.get("dropout"):
+        raise S.UsageError(f"LyCORIS 'dropout' in {source} is not supported by tlora; remove it or set it to 0")
+    kw = {names[k]: v for k, v in d.items() if k in names}
+    if d.get("conv_dim") == 0:                    # LyCORIS: conv_dim 0 = convs like linears
+        kw["conv_rank"] = None
+    kw.setdefault("alpha", 1)                     # LyCORIS's default linear_alpha is 1
+    kw.setdefault("sig_type", "principal")
+    kw.setdefault("init", "weight" if d.get("use_data_init", True) else "random")
+    kw.update(_preset(d.get("apply_preset", {}), source), svd="exact")     # LyCORIS-identical frozen tensors
+    spelled = {f: k for k, f in names.items()} | {f: f"apply_preset.{f}" for f in set(PRESET_KEYS.values())} | \
+        {"module_algo_map": "apply_preset.module_algo_map"}
+    return S.build(cls, kw, source, spelled)
+
+
+def _preset(preset: dict, source: str) -> dict:
+    """``apply_preset`` → target_module, target_name, exclude_name, use_fnmatch, module_algo_map (LyCORIS
+    algo-map keys renamed to fields); lists must be lists (a string is refused by the schema, never iterated)."""
+    known = set(PRESET_KEYS) | {"module_algo_map", "name_algo_map"}
+    bad = set(preset) - known
+    if bad:
+        raise S.unknown_keys(bad, known, f"apply_preset in {source}")
+    out = {}
+    for key, field_name in PRESET_KEYS.items():
+        if key in preset and field_name not in out:
+            out[field_name] = preset[key]
+    names = S.foreign_names(TLoRAConfig, "lycoris")
+    algo_map = {}
+    for k in ("module_algo_map", "name_algo_map"):
+        m = preset.get(k, {})
+        if not isinstance(m, dict) or not all(isinstance(v, dict) for v in m.values()):
+            raise SettingError(f"apply_preset.{k}", "an object mapping names to objects", m, source)
+        for key, over in m.items():
+            over = dict(over)
+            algo = over.pop("algo", "tlora")
+            if algo != "tlora":
+                raise S.UsageError(f"apply_preset.{k}[{key!r}] in {source}: algo {algo!r} is not supported "
+                                   "(only 'tlora')")
+            wrong = {o for o in over if names.get(o) not in OVERRIDE_KEYS}
+            if wrong:
+                raise S.unknown_keys(wrong, [n for n, f in names.items() if f in OVERRIDE_KEYS],
+                                     f"apply_preset.{k}[{key!r}] in {source}")
+            algo_map[key] = {names[o]: v for o, v in over.items()}
+    if algo_map:
+        out["module_algo_map"] = algo_map
+    return out
+

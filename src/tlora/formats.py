@@ -31,8 +31,9 @@ from .layers import FORMS
 from .network import TLoRANetwork
 from .quantize import dense_weight
 from .schedule import active_rank
-from .weights import (ModuleSpec, WeightsFileError, atomic_save_file, make_header, network_from_state, parse_header,
-                      read, write_native)
+from . import settings as S
+from .weights import (ModuleSpec, WeightsFileError, atomic_save_file, check_state, make_header, network_from_state,
+                      parse_header, read, write_native)
 
 Tensors = Dict[str, torch.Tensor]
 FORMATS = ("tlora", "lycoris", "official", "diffusers", "kohya")
@@ -75,9 +76,7 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
     """Native state of a LyCORIS ``tlora`` file. Frozen Q0/P0/λ0 come from saved ``base_*`` tensors when
     present, else from the SVD of the base weight, principal triplets — what LyCORIS itself does on load
     (a warning says so: correct only if the file was trained with that init)."""
-    lyc = json.loads(meta["lycoris_config"]) if "lycoris_config" in meta else {}
-    if lyc and lyc.get("algo", "tlora") != "tlora":
-        raise ValueError(f"LyCORIS algo {lyc.get('algo')!r} is not supported (only 'tlora')")
+    lyc = _lycoris_metadata(meta)
     min_rank = min_rank if min_rank is not None else lyc.get("tlora_min_rank", 1 if lyc else None)
     exponent = exponent if exponent is not None else lyc.get("tlora_alpha", 1.0 if lyc else None)
     _need(min_rank, "min_rank", "LyCORIS")
@@ -92,6 +91,8 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
     if missing:
         raise ValueError(f"LyCORIS file names {len(missing)} modules this {type(model).__name__} does not have "
                          f"(first: {missing[0]}): wrong base model?")
+    for name, g in groups.items():
+        _check_lycoris_module(name, g, by_name[name][1], min_rank)
     out: Tensors = {}
     specs = {}
     rederived = 0
@@ -115,7 +116,7 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
         shape_q, shape_p = (rank, *w.shape[1:]), (w.shape[0], rank) + ((1, 1) if q.dim() == 4 else ())
         out.update({f"{path}.q": q.reshape(shape_q), f"{path}.p": p.reshape(shape_p), f"{path}.lam": lam,
                     f"{path}.q0": q0.reshape(shape_q), f"{path}.p0": p0.reshape(shape_p), f"{path}.lam0": lam0})
-        specs[path] = ModuleSpec("ortho", rank, alpha, min(min_rank, rank), float(exponent), "weight", "principal",
+        specs[path] = ModuleSpec("ortho", rank, alpha, min_rank, float(exponent), "weight", "principal",
                                  "exact", "conv2d" if q.dim() == 4 else "linear", tuple(w.shape))
     if rederived:
         warnings.warn(f"LyCORIS file has no frozen base tensors: Q0/P0/λ0 of {rederived} modules were rebuilt from the "
@@ -127,6 +128,64 @@ def read_lycoris(tensors: Tensors, meta: Dict[str, str], model: nn.Module, min_r
                          num_train_timesteps=num_train_timesteps,
                          multiplier=float(lyc.get("multiplier", 1.0)), target_module=())
     return out, _header(specs, config, None, "lycoris", {"lycoris_config": lyc} if lyc else None)
+
+
+LYCORIS_LEAVES = {"q_layer.weight", "p_layer.weight", "lambda_layer", "alpha", "base_q", "base_p", "base_lambda"}
+LYCORIS_META = {"tlora_min_rank": "min_rank", "tlora_alpha": "exponent", "linear_alpha": "alpha",
+                "multiplier": "multiplier", "linear_dim": "rank"}
+
+
+def _lycoris_metadata(meta: Dict[str, str]) -> dict:
+    """The ``lycoris_config`` metadata (JSON), its schedule keys checked against the schema; {} when absent."""
+    if "lycoris_config" not in meta:
+        return {}
+    try:
+        lyc = json.loads(meta["lycoris_config"])
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError("its lycoris_config metadata is not valid JSON") from None
+    if not isinstance(lyc, dict):
+        raise ValueError("its lycoris_config metadata is not a JSON object")
+    if lyc.get("algo", "tlora") != "tlora":
+        raise ValueError(f"LyCORIS algo {lyc.get('algo')!r} is not supported (only 'tlora')")
+    for key, field_name in LYCORIS_META.items():
+        if key in lyc:
+            try:
+                S.check_value(TLoRAConfig, field_name, lyc[key])
+            except S.SettingError as e:
+                raise ValueError(f"lycoris_config {key} must be {e.requirement}, got {lyc[key]!r}") from None
+    return lyc
+
+
+def _check_lycoris_module(name: str, g: Dict[str, torch.Tensor], base: nn.Module, min_rank: int) -> None:
+    """One LyCORIS tlora module's tensors against each other and the base layer, before any math."""
+    if "lambda_layer" not in g:
+        raise ValueError(f"{name}: not a LyCORIS tlora module (no lambda_layer); only algo 'tlora' is read")
+    bad = set(g) - LYCORIS_LEAVES
+    if bad or not {"q_layer.weight", "p_layer.weight"} <= set(g):
+        raise ValueError(f"{name}: a LyCORIS tlora module holds q_layer.weight, p_layer.weight, lambda_layer "
+                         f"(alpha, base_*), not {sorted(g)}")
+    if any(k in g for k in ("base_q", "base_p", "base_lambda")) and \
+            not all(k in g for k in ("base_q", "base_p", "base_lambda")):
+        raise ValueError(f"{name}: base_q, base_p and base_lambda come together")
+    non_float = next((k for k, t in g.items() if not t.is_floating_point()), None)
+    if non_float:
+        raise ValueError(f"{name}.{non_float} is {g[non_float].dtype}; weights must be floating point")
+    q, p, lam = g["q_layer.weight"], g["p_layer.weight"], g["lambda_layer"]
+    w = getattr(base, "weight", None)
+    out_f, in_f = (w.shape[0], w[0].numel()) if w is not None else (0, 0)
+    rank = q.shape[0] if q.dim() in (2, 4) else 0
+    if not (q.dim() in (2, 4) and p.dim() == q.dim() and q[0].numel() == in_f and tuple(p.shape[:2]) == (out_f, rank)
+            and lam.numel() == rank and 0 < rank <= min(out_f, in_f)):
+        raise ValueError(f"{name}: tensors q_layer {list(q.shape)}, p_layer {list(p.shape)}, lambda {list(lam.shape)} "
+                         f"do not fit its layer of weight {list(w.shape) if w is not None else None}")
+    if "base_q" in g and (g["base_q"].shape != q.shape or g["base_p"].shape != p.shape
+                          or g["base_lambda"].numel() != rank):
+        raise ValueError(f"{name}: base_q / base_p / base_lambda do not match q_layer / p_layer / lambda_layer")
+    if "alpha" in g and g["alpha"].numel() != 1:
+        raise ValueError(f"{name}.alpha must be one number, got shape {list(g['alpha'].shape)}")
+    if min_rank > rank:
+        raise ValueError(f"min_rank {min_rank} exceeds the rank {rank} of {name} (the mask would be off); pass "
+                         "--min-rank <= rank")
 
 
 def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]:
@@ -160,22 +219,31 @@ def to_lycoris(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]
 
 
 # -- official repository ---------------------------------------------------------------------------------------
-HPARAM_TYPES = {"pretrained_model_name_or_path": str, "output_dir": str, "trainer_class": str,
-                "trainer_type": str, "placeholder_token": str, "class_name": str, "lora_rank": int, "min_rank": int,
-                "alpha_rank_scale": float, "sig_type": str}
+# hparams.yml keys the official scripts write that are not flags of a TrainConfig / TLoRAConfig field
+HPARAM_OWN = {"trainer_class": str, "trainer_type": str, "output_dir": str}
 
 
 def check_hparams(hp: dict, need=()) -> None:
-    """An official ``hparams.yml``'s values of the types tlora reads (a float may be given as an int; no
-    booleans for numbers), and the keys ``need`` present; ValueError naming the key otherwise."""
-    for key, kind in HPARAM_TYPES.items():
-        v = hp.get(key)
+    """An official ``hparams.yml``: each value tlora reads checked against the schema of the field its flag
+    sets (``lora_rank`` is ``TLoRAConfig.rank``; no booleans for numbers, ranges included), min_rank <= lora_rank,
+    and the keys ``need`` present; ValueError naming the key otherwise."""
+    from .trainconfig import OFFICIAL_FLAGS     # the flag → field table, from the schema
+    for key in need:
+        if hp.get(key) is None:
+            raise ValueError(f"has no {key}: is it a T-LoRA run's logs/hparams.yml?")
+    for key, v in hp.items():
         if v is None:
-            if key in need:
-                raise ValueError(f"has no {key}: is it a T-LoRA run's logs/hparams.yml?")
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
-            raise ValueError(f"hparams {key} must be {'a number' if kind is float else kind.__name__}, got {v!r}")
+        where = OFFICIAL_FLAGS.get(key)
+        if where is not None:
+            try:
+                S.check_value(*where, v)
+            except S.SettingError as e:
+                raise ValueError(f"hparams {key} must be {e.requirement}, got {v!r}") from None
+        elif key in HPARAM_OWN and not isinstance(v, HPARAM_OWN[key]):
+            raise ValueError(f"hparams {key} must be a string, got {v!r}")
+    if isinstance(hp.get("min_rank"), int) and isinstance(hp.get("lora_rank"), int) and hp["min_rank"] > hp["lora_rank"]:
+        raise ValueError(f"hparams min_rank ({hp['min_rank']}) must not exceed lora_rank ({hp['lora_rank']})")
 
 
 def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Optional[float] = None,
@@ -192,15 +260,20 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
         m = OFFICIAL_RE.match(k)
         if not m or m.group("rest") not in OFFICIAL_NAMES:
             raise ValueError(f"unexpected key in an official T-LoRA file: {k}")
+        if not v.is_floating_point():
+            raise ValueError(f"{k} is {v.dtype}; weights must be floating point")
         path = f"{m.group('attn')}.{'to_out.0' if m.group('proj') == 'to_out' else m.group('proj')}"
         leaf = OFFICIAL_NAMES[m.group("rest")]
         out[f"{path}.{leaf}"] = v.float().reshape(-1) if leaf in ("lam", "lam0") else v.float()
+    for path in sorted({k.rsplit(".", 1)[0] for k in out}):
+        _check_official_module(path, {k.rsplit(".", 1)[1]: v for k, v in out.items() if k.rsplit(".", 1)[0] == path},
+                               int(min_rank))
     for path in sorted({k.rsplit(".", 1)[0] for k in out}):
         vanilla = f"{path}.lora_down" in out
         down = out[f"{path}.lora_down" if vanilla else f"{path}.q"]
         up = out[f"{path}.lora_up" if vanilla else f"{path}.p"]
         rank = down.shape[0]
-        specs[path] = ModuleSpec("vanilla" if vanilla else "ortho", rank, float(rank), min(int(min_rank), rank), exponent,
+        specs[path] = ModuleSpec("vanilla" if vanilla else "ortho", rank, float(rank), int(min_rank), exponent,
                                  "random", hp.get("sig_type", "last"), "exact", "linear", (up.shape[0], down.shape[1]))
     first = next(iter(specs.values()))
     config = TLoRAConfig(rank=first.rank, alpha=None, min_rank=first.min_rank, exponent=exponent,
@@ -208,6 +281,26 @@ def read_official(tensors: Tensors, min_rank: Optional[int] = None, exponent: Op
                          target_module=("Attention",))
     return out, _header(specs, config, "sdxl", "official", {"hparams": {k: v for k, v in hp.items()
                                                                          if isinstance(v, (int, float, str, bool))}})
+
+
+def _check_official_module(path: str, t: Dict[str, torch.Tensor], min_rank: int) -> None:
+    """One official module's tensors: a complete vanilla (down, up) or ortho (q, p, λ, q0, p0, λ0) set of 2-D
+    factors whose shapes agree, and min_rank <= its rank; before any math."""
+    leaves = set(t)
+    if leaves not in ({"lora_down", "lora_up"}, {"q", "p", "lam", "q0", "p0", "lam0"}):
+        raise ValueError(f"official module {path} holds {sorted(leaves)}: not a complete LoRA (down, up) or "
+                         "ortho (q, p, lambda and their base_) set")
+    down, up = (t["lora_down"], t["lora_up"]) if "lora_down" in t else (t["q"], t["p"])
+    rank = down.shape[0] if down.dim() == 2 else 0
+    ok = down.dim() == 2 and up.dim() == 2 and up.shape[1] == rank > 0
+    if "q" in t:
+        ok = ok and t["q0"].shape == down.shape and t["p0"].shape == up.shape and \
+            t["lam"].numel() == rank == t["lam0"].numel() and rank <= min(up.shape[0], down.shape[1])
+    if not ok:
+        raise ValueError(f"official module {path}: its tensors' shapes do not agree "
+                         f"(down {list(down.shape)}, up {list(up.shape)})")
+    if min_rank > rank:
+        raise ValueError(f"min_rank {min_rank} exceeds the rank {rank} of {path} (the mask would be off)")
 
 
 def to_official(tensors: Tensors, header: dict) -> Tuple[Tensors, Dict[str, str]]:
@@ -325,14 +418,17 @@ def native_state(path, tensors: Tensors, meta: Dict[str, str], model: Optional[n
     """The tensors and metadata of a read file (:func:`tlora.weights.read`) → native state, by format."""
     fmt = detect_format(tensors.keys(), meta)
     if fmt == "tlora":
-        return tensors, parse_header(meta, path)
-    if fmt == "lycoris":
+        state = tensors, parse_header(meta, path)
+    elif fmt == "lycoris":
         if model is None:
             raise ValueError("reading a LyCORIS file needs the base model (--model): LyCORIS files omit the frozen tensors")
-        return read_lycoris(tensors, meta, model, min_rank, exponent)
-    if fmt == "official":
-        return read_official(tensors, min_rank, exponent, hparams)
-    raise ValueError(f"{path} is a plain {fmt} LoRA: it has no timestep schedule to read")
+        state = read_lycoris(tensors, meta, model, min_rank, exponent)
+    elif fmt == "official":
+        state = read_official(tensors, min_rank, exponent, hparams)
+    else:
+        raise ValueError(f"{path} is a plain {fmt} LoRA: it has no timestep schedule to read")
+    check_state(*state, source=path)      # every format ends as one checked native state
+    return state
 
 
 def load(path, model: nn.Module, min_rank: Optional[int] = None, exponent: Optional[float] = None,

@@ -16,7 +16,7 @@ Adapter math runs in float32 whatever the base dtype; the delta is cast back to 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ INITS = ("random", "weight")
 ADAPTER_ATTR = "tlora_adapter"
 QUANTIZED_MERGE = ("cannot merge into a quantized base weight (int8 / nf4): load the base unquantized "
                    "(base_precision no) to merge, or keep the adapter attached")
+FOLD_MODES = (None, "auto", "always")
 FOLD_PASS_RANKS = 8    # one pass over a weight (read + write) costs about as much as folding 8 ranks into it
 
 
@@ -41,6 +42,11 @@ class Variant:
     tensors: tuple = ()
 
     def create(self, a: "TLoRAAdapter", w: torch.Tensor, generator, init_weights: bool) -> None:
+        raise NotImplementedError
+
+    def shapes(self, rank: int, down_shape: tuple, up_shape: tuple) -> Dict[str, tuple]:
+        """Each tensor's shape for an adapter of ``rank`` with these down (R, in, …) / up (out, R, …) shapes:
+        what a file must hold before any of it is used."""
         raise NotImplementedError
 
     def paths(self, t: dict, sl: slice) -> list:
@@ -73,6 +79,9 @@ class Vanilla(Variant):
                 else torch.zeros(a.down_shape, device=w.device))
         a.lora_down = nn.Parameter(down)
         a.lora_up = nn.Parameter(torch.zeros(a.up_shape, device=w.device))
+
+    def shapes(self, rank, down_shape, up_shape):
+        return {"lora_down": tuple(down_shape), "lora_up": tuple(up_shape)}
 
     def paths(self, t, sl):
         return [(t["lora_down"][sl].float(), t["lora_up"][:, sl].float(), None)]
@@ -108,6 +117,10 @@ class Ortho(Variant):
         a.register_buffer("q0", q.reshape(a.down_shape).clone())
         a.register_buffer("p0", p.reshape(a.up_shape).clone())
         a.register_buffer("lam0", lam.clone())
+
+    def shapes(self, rank, down_shape, up_shape):
+        d, u = tuple(down_shape), tuple(up_shape)
+        return {"q": d, "p": u, "lam": (rank,), "q0": d, "p0": u, "lam0": (rank,)}
 
     def paths(self, t, sl):
         # trained minus frozen, computed the same way so that at init they cancel exactly
@@ -288,7 +301,7 @@ class TLoRAAdapter(nn.Module):
         that is cheaper than the unmerged adapter for the call's shapes (:meth:`fold_is_cheaper`), incrementally
         as r changes; ``"always"`` folds at every shared-rank call; None restores the base weight bit for bit and
         runs unmerged. Forwards with per-sample ranks always run unmerged."""
-        if mode not in (None, "auto", "always"):
+        if mode not in FOLD_MODES:
             raise ValueError(f"folding mode must be None, 'auto' or 'always', got {mode!r}")
         if mode is None:
             self.unfold()

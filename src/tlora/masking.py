@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from .families import Family, denoiser_of, detect
 from .formats import load
-from .network import TLoRANetwork
+from .layers import FOLD_MODES
+from .network import TLoRANetwork, check_multiplier
 from .schedule import Timesteps, timesteps_list
 
 
@@ -130,6 +131,12 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
     nothing is folded; ``detach()`` restores every base weight bit for bit (the weights before folding are
     kept while attached).
     """
+    if multiplier is not None:               # every argument checked before anything is loaded or hooked
+        multiplier = check_multiplier(multiplier)
+    if fold not in FOLD_MODES:
+        raise ValueError(f"fold must be None, 'auto' or 'always', got {fold!r}")
+    if not isinstance(mask, bool):
+        raise ValueError(f"mask must be True or False, got {mask!r}")
     denoiser = denoiser_of(pipe)
     family = detect(denoiser)
     _refuse_unsupported_scheduler(pipe)
@@ -138,16 +145,23 @@ def attach(pipe, weights_or_network: Union[str, os.PathLike, TLoRANetwork], mult
         network = load(weights_or_network, denoiser)
     else:
         network = weights_or_network
+        network.refuse_if_removed()
         if network.model is not denoiser:
             raise ValueError("this network was injected into another model than the pipeline's denoiser")
-    network.refuse_if_merged()
     handle = AttachHandle(pipe, denoiser, network, family, owns, network.multiplier, record)
-    if multiplier is not None:
-        network.multiplier = multiplier
-    network.family = family.name
-    if mask:
-        handle._hook()
-    network.set_folding(fold)
+    previous_family = network.family
+    try:
+        network.refuse_if_merged()
+        if multiplier is not None:
+            network.multiplier = multiplier
+        network.family = family.name
+        if mask:
+            handle._hook()
+        network.set_folding(fold)
+    except BaseException:                    # a failed attach leaves the pipeline (and the network) as they were
+        handle.detach()
+        network.family = previous_family
+        raise
     return handle
 
 

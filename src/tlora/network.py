@@ -8,6 +8,8 @@ the model's state_dict exactly.
 """
 from __future__ import annotations
 
+import math
+
 import fnmatch
 import re
 import warnings
@@ -77,7 +79,8 @@ class TLoRANetwork:
 
     @multiplier.setter
     def multiplier(self, value: float) -> None:
-        self.config.multiplier = float(value)
+        value = check_multiplier(value)                 # refused before anything changes
+        self.config.multiplier = value
         for a in self.adapters.values():
             a.multiplier = float(value)
 
@@ -102,10 +105,17 @@ class TLoRANetwork:
         return {p: a.folded_rank for p, a in self.adapters.items()}
 
     def remove(self) -> None:
-        """Detach every adapter; the model is exactly as before ``inject``."""
+        """Detach every adapter; the model is exactly as before ``inject``. The network is empty afterwards:
+        saving or attaching it is refused."""
         for a in self.adapters.values():
             a.detach_from_base()
         self.adapters = {}
+        self.removed = True
+
+    def refuse_if_removed(self) -> None:
+        if getattr(self, "removed", False):
+            raise ValueError("this network was removed from its model (remove()): it holds no adapters to save "
+                             "or attach; inject or load again")
 
     def orthogonality_loss(self) -> torch.Tensor:
         """Sum over ortho adapters of ‖PᵀP − I‖² + ‖QQᵀ − I‖²."""
@@ -200,6 +210,13 @@ def find_targets(model: nn.Module, config: TLoRAConfig) -> Dict[str, list[str]]:
     return targets
 
 
+def check_multiplier(value) -> float:
+    """An adapter strength: a finite real number (no bool, no NaN or inf); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"multiplier must be a finite number, got {value!r}")
+    return float(value)
+
+
 def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Optional[torch.Generator] = None,
            init_weights: bool = True) -> TLoRANetwork:
     """Attach T-LoRA adapters to ``model`` (in place) and return the network that holds them. ``init_weights``
@@ -207,7 +224,9 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
 
     Raises ValueError when nothing matches, naming the targets and a few module classes of the model.
     """
-    config = config or TLoRAConfig()
+    config = TLoRAConfig() if config is None else config
+    if not isinstance(config, TLoRAConfig):
+        raise TypeError(f"inject takes a TLoRAConfig, got {type(config).__name__}")
     targets = find_targets(model, config)
     if not targets:
         classes = sorted({type(m).__name__ for m in model.modules()})[:12]
@@ -215,12 +234,29 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
                          f"{list(config.target_module)}, target_name={list(config.target_name)}; "
                          f"module classes here include {classes}")
     modules = dict(model.named_modules())
+    taken = next((p for p in targets if hasattr(modules[p], ADAPTER_ATTR)), None)
+    if taken is not None:                      # checked for all before any adapter is made
+        raise ValueError(f"{taken} already has a T-LoRA adapter; remove() the other network first")
     adapters: Dict[str, TLoRAAdapter] = {}
+    try:
+        clamped = _make_adapters(modules, targets, config, generator, init_weights, adapters)
+    except BaseException:                      # a failed inject leaves the model as it was
+        for a in adapters.values():
+            a.detach_from_base()
+        raise
+    if clamped:
+        warnings.warn(f"{len(clamped)} layers are narrower than the ortho rank {config.rank} (first: {clamped[0]}); "
+                      "their rank is clamped to the layer size", stacklevel=2)
+    return TLoRANetwork(model, config, adapters)
+
+
+def _make_adapters(modules: dict, targets: dict, config: TLoRAConfig, generator, init_weights: bool,
+                   adapters: Dict[str, TLoRAAdapter]) -> list:
+    """One adapter per target into ``adapters`` (filled as they are made, so a failure can undo them); returns
+    the paths whose ortho rank was clamped to a narrow layer."""
     clamped = []
     for path, keys in targets.items():
         base = modules[path]
-        if hasattr(base, ADAPTER_ATTR):
-            raise ValueError(f"{path} already has a T-LoRA adapter; remove() the other network first")
         kw = config.for_layer(keys, isinstance(base, nn.Conv2d))
         shape = weight_shape(base)
         size = min(shape[0], shape[1:].numel())
@@ -232,7 +268,4 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
         adapters[path] = TLoRAAdapter(base, num_train_timesteps=config.num_train_timesteps,
                                       multiplier=config.multiplier, generator=generator,
                                       init_weights=init_weights, **kw)
-    if clamped:
-        warnings.warn(f"{len(clamped)} layers are narrower than the ortho rank {config.rank} (first: {clamped[0]}); "
-                      "their rank is clamped to the layer size", stacklevel=2)
-    return TLoRANetwork(model, config, adapters)
+    return clamped

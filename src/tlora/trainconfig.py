@@ -10,18 +10,22 @@
 from __future__ import annotations
 
 import json
-import math
 import string
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, List, Literal, Optional
 
-from .config import TLoRAConfig, check_fields
+from pydantic import Field
+
+from . import settings as S
+from .config import TLoRAConfig
 from .devices import check_device
 from .errors import UsageError
 from .fileio import read_mapping
-from .quantize import BasePrecision
+from .quantize import BACKENDS, BasePrecision
+from .quantize import PRECISIONS as BASE_PRECISIONS
+from .settings import MAX_BATCH, MAX_RESOLUTION, MAX_SEED, MAX_STEPS, SettingError, check, setting
 
 
 # diffusers.optimization.SchedulerType's values (a test keeps the two equal); not imported: --help stays fast
@@ -29,97 +33,117 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("no", "bf16", "fp16")
+BEST_METRICS = ("IS", "DINO_IS", "TS", "IS+TS")
+Str = Annotated[str, Field(min_length=1)]
+
+
 @dataclass
 class TrainConfig:
-    model: str = ""                              # diffusers pipeline folder or hub id
-    data_dir: str = ""                           # images (+ optional same-name .txt captions)
-    output_dir: str = "tlora-output"
-    placeholder: str = "sks"
-    class_name: str = ""
-    prompt_template: str = "a photo of {placeholder} {class_name}"
-    one_image: Optional[str] = None              # train on this file of data_dir only
-    resolution: Optional[int] = None             # None → the family's native resolution
-    max_steps: int = 800                         # official recipe: 800
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4                  # official: AdamW lr 1e-4, weight decay 1e-4
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    optimizer: str = "adamw"                     # adamw | adamw8bit (needs bitsandbytes)
-    lr_scheduler: str = "constant"               # any diffusers.optimization scheduler name
-    lr_warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    mixed_precision: str = "no"                  # no | bf16 | fp16 (adapters stay float32)
-    base_precision: str = "no"                   # frozen denoiser weights: no | int8 | nf4 (tlora.quantize)
-    quantization_backend: Optional[str] = None   # quanto | torchao | bitsandbytes; None → the precision's default
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    prediction_type: Optional[str] = None        # DDPM families: epsilon | v_prediction; None → scheduler's
-    ortho_reg_weight: float = 0.0                # × ‖PᵀP − I‖² + ‖QQᵀ − I‖² (ortho adapters)
-    class_data_dir: Optional[str] = None         # prior preservation images ("a photo of {class_name}")
-    prior_loss_weight: float = 1.0
-    validation_prompts: List[str] = field(default_factory=list)   # "{0}" → "placeholder class_name"
-    validation_steps: int = 100                  # every N steps (0: only at the end)
-    num_validation_images: int = 1               # 0: no validation images
-    validation_inference_steps: int = 25
-    validation_guidance: Optional[float] = None  # None → the family's default
-    validation_multiplier: float = 1.0
-    eval_clip_model: Optional[str] = None        # set to compute IS / TS at each validation (tlora evaluate)
-    eval_dino_model: Optional[str] = None        # optional DINO-IS
-    official_flags: Optional[dict] = None        # started with the official flags: also writes logs/hparams.yml and
-                                                 # checkpoint-N/pytorch_lora_weights.safetensors (tlora.official)
-    best_metric: str = "TS"                      # IS | DINO_IS | TS | IS+TS: picks OUT/tlora-best.safetensors
-    checkpointing_steps: int = 100
-    checkpoints_total_limit: Optional[int] = 3   # keep the last K checkpoints
-    resume: Optional[str] = None                 # latest | path to a checkpoint-N folder
-    overwrite: bool = False                      # train a run of this config in output_dir again from step 0
-    device: Optional[str] = None                 # None → accelerate's choice
+    """Every training setting; its type, range, default, help and names in SimpleTuner's config.json and the
+    official flags are declared here once (:mod:`tlora.settings`); ``__post_init__`` checks them."""
+    model: Annotated[str, setting("diffusers pipeline: local folder or hub id", simpletuner="pretrained_model_name_or_path",
+                                  official="pretrained_model_name_or_path")] = ""
+    data_dir: Annotated[str, setting("folder of training images (+ same-name .txt captions)",
+                                     simpletuner="instance_data_dir", official="train_data_dir")] = ""
+    output_dir: Annotated[str, setting("run folder: weights, checkpoints, samples, logs", min_length=1,
+                                       simpletuner="output_dir", official="output_dir")] = "tlora-output"
+    placeholder: Annotated[str, setting("identifier token of the concept", official="placeholder_token")] = "sks"
+    class_name: Annotated[str, setting("class word of the concept", official="class_name")] = ""
+    prompt_template: Annotated[str, setting("training caption for images without a .txt; {placeholder} and "
+                                            "{class_name} are filled in", simpletuner="instance_prompt")
+                               ] = "a photo of {placeholder} {class_name}"
+    one_image: Annotated[Optional[str], setting("train on this one file of data_dir", min_length=1,
+                                                official="one_image")] = None
+    resolution: Annotated[Optional[int], setting("square training size in pixels, a multiple of 8; null: the "
+                                                 "model's", ge=8, le=MAX_RESOLUTION, multiple_of=8,
+                                                 simpletuner="resolution", official="resolution")] = None
+    max_steps: Annotated[int, setting("optimizer steps (official recipe: 800)", ge=1, le=MAX_STEPS,
+                                      simpletuner="max_train_steps", official="num_train_epochs")] = 800
+    batch_size: Annotated[int, setting("images per step", ge=1, le=MAX_BATCH, simpletuner="train_batch_size",
+                                       official="train_batch_size")] = 1
+    gradient_accumulation_steps: Annotated[int, setting("micro-batches per step", ge=1, le=MAX_BATCH,
+                                                        simpletuner="gradient_accumulation_steps")] = 1
+    learning_rate: Annotated[float, setting("AdamW learning rate (official: 1e-4)", gt=0, le=1,
+                                            simpletuner="learning_rate", official="learning_rate")] = 1e-4
+    weight_decay: Annotated[float, setting("AdamW weight decay", ge=0, le=1000,
+                                           simpletuner="adam_weight_decay")] = 1e-4
+    adam_beta1: Annotated[float, setting("AdamW β1", ge=0, lt=1, simpletuner="adam_beta1")] = 0.9
+    adam_beta2: Annotated[float, setting("AdamW β2", ge=0, lt=1, simpletuner="adam_beta2")] = 0.999
+    adam_epsilon: Annotated[float, setting("AdamW ε", gt=0, le=1, simpletuner="adam_epsilon")] = 1e-8
+    optimizer: Annotated[Literal[OPTIMIZERS], setting("adamw, or adamw8bit (bitsandbytes)")] = "adamw"
+    lr_scheduler: Annotated[Literal[LR_SCHEDULERS], setting("diffusers lr schedule",
+                                                            simpletuner="lr_scheduler")] = "constant"
+    lr_warmup_steps: Annotated[int, setting("lr warmup steps", ge=0, le=MAX_STEPS,
+                                            simpletuner="lr_warmup_steps")] = 0
+    max_grad_norm: Annotated[Optional[float], setting("gradient clipping norm; null: none", gt=0,
+                                                      simpletuner="max_grad_norm")] = 1.0
+    mixed_precision: Annotated[Literal[PRECISIONS], setting("frozen weights' dtype (adapters stay float32)",
+                                                            simpletuner="mixed_precision",
+                                                            official="mixed_precision")] = "no"
+    base_precision: Annotated[Literal[BASE_PRECISIONS], setting("frozen denoiser stored as no | int8 | nf4 "
+                                                                "(tlora.quantize)")] = "no"
+    quantization_backend: Annotated[Optional[Literal[BACKENDS]], setting(
+        "backend of base_precision; null: the precision's default")] = None
+    gradient_checkpointing: Annotated[bool, setting("recompute activations in the backward",
+                                                    simpletuner="gradient_checkpointing")] = False
+    seed: Annotated[int, setting("random seed", ge=0, le=MAX_SEED, simpletuner="seed", official="seed")] = 0
+    prediction_type: Annotated[Optional[Literal["epsilon", "v_prediction"]], setting(
+        "DDPM families' target; null: the scheduler's", simpletuner="prediction_type")] = None
+    ortho_reg_weight: Annotated[float, setting("weight of ‖PᵀP − I‖² + ‖QQᵀ − I‖² (ortho)", ge=0, le=1e6)] = 0.0
+    class_data_dir: Annotated[Optional[str], setting("prior-preservation images (a photo of {class_name})",
+                                                     min_length=1)] = None
+    prior_loss_weight: Annotated[float, setting("weight of the prior-preservation loss", ge=0, le=1e6)] = 1.0
+    validation_prompts: Annotated[List[str], setting("prompts sampled at each validation; {0}: placeholder "
+                                                     "class")] = field(default_factory=list)
+    validation_steps: Annotated[int, setting("validate every N steps; 0: only at the end", ge=0, le=MAX_STEPS,
+                                             simpletuner="validation_steps")] = 100
+    num_validation_images: Annotated[int, setting("images per validation prompt; 0: none", ge=0, le=MAX_BATCH,
+                                                  simpletuner="num_validation_images",
+                                                  official="num_val_imgs_per_prompt")] = 1
+    validation_inference_steps: Annotated[int, setting("denoising steps of validation images", ge=1, le=10000,
+                                                       simpletuner="validation_num_inference_steps")] = 25
+    validation_guidance: Annotated[Optional[float], setting("validation guidance; null: the family's", ge=0,
+                                                            le=1000, simpletuner="validation_guidance")] = None
+    validation_multiplier: Annotated[float, setting("adapter strength at validation", ge=-1000, le=1000,
+                                                    simpletuner="validation_lycoris_strength")] = 1.0
+    eval_clip_model: Annotated[Optional[str], setting("CLIP model: IS / TS at each validation", min_length=1)] = None
+    eval_dino_model: Annotated[Optional[str], setting("DINO model: DINO-IS at each validation", min_length=1)] = None
+    official_flags: Annotated[Optional[dict], setting("the official flags a run was started with (also writes "
+                                                      "logs/hparams.yml and the official checkpoint files)")] = None
+    best_metric: Annotated[Literal[BEST_METRICS], setting("metric that picks tlora-best.safetensors")] = "TS"
+    checkpointing_steps: Annotated[int, setting("save a checkpoint every N steps", ge=1, le=MAX_STEPS,
+                                                simpletuner="checkpointing_steps",
+                                                official="checkpointing_steps")] = 100
+    checkpoints_total_limit: Annotated[Optional[int], setting("keep the last K checkpoints; null: all", ge=1,
+                                                              simpletuner="checkpoints_total_limit")] = 3
+    resume: Annotated[Optional[str], setting("latest, or a checkpoint-N folder: continue a run", min_length=1,
+                                             simpletuner="resume_from_checkpoint")] = None
+    overwrite: Annotated[bool, setting("train a run of this config in output_dir again from step 0")] = False
+    device: Annotated[Optional[str], setting("cpu, cuda, cuda:N, mps; null: accelerate's choice",
+                                             min_length=1)] = None
     tlora: TLoRAConfig = field(default_factory=lambda: TLoRAConfig(target_module=()))
 
+    def __post_init__(self):
+        check(self)
+        if not isinstance(self.tlora, TLoRAConfig):
+            raise SettingError("tlora", "a T-LoRA section (an object)", self.tlora)
+
     def validate(self) -> None:
-        """Everything that can be checked without touching the disk or the model."""
-        self._validate_numbers()
+        """What the schema cannot say of one field: that a model and data are given, the rules between fields,
+        prompt templates, and the device against this machine. Nothing on disk or of the model is touched."""
         if not self.model:
             raise UsageError("no model given: set 'model' (a diffusers pipeline folder or hub id)")
         if not self.data_dir:
             raise UsageError("no data dir given: set 'data_dir' to a folder of images")
-        if self.resolution is not None and not (0 < self.resolution <= 8192 and self.resolution % 8 == 0):
-            raise UsageError(f"resolution must be a multiple of 8 in [8, 8192], got {self.resolution}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps",
-                     "validation_inference_steps", "checkpointing_steps"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.num_validation_images < 0:
-            raise UsageError(f"num_validation_images must be >= 0, got {self.num_validation_images}")
-        if self.validation_steps < 0:
-            raise UsageError(f"validation_steps must be >= 0, got {self.validation_steps}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise UsageError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
-        if not 0 < self.learning_rate <= 1:
-            raise UsageError(f"learning_rate must be in (0, 1], got {self.learning_rate}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise UsageError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise UsageError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
-        if self.one_image is not None and (not self.one_image or Path(self.one_image).name != self.one_image):
-            raise UsageError(f"one_image must be the file name of an image in data_dir, got {self.one_image!r}")
+        if self.one_image is not None and Path(self.one_image).name != self.one_image:
+            raise SettingError("one_image", "the file name of an image in data_dir", self.one_image)
         self._validate_prompts()
         check_device(self.device, "device")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise UsageError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         self.base().resolved()
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise UsageError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
-        if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            raise UsageError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        if self.best_metric not in ("IS", "DINO_IS", "TS", "IS+TS"):
-            raise UsageError(f"best_metric must be IS, DINO_IS, TS or IS+TS, got {self.best_metric!r}")
         if self.best_metric == "DINO_IS" and self.eval_clip_model and not self.eval_dino_model:
             raise UsageError("best_metric DINO_IS needs eval_dino_model")
-        if self.ortho_reg_weight < 0:
-            raise UsageError(f"ortho_reg_weight must be >= 0, got {self.ortho_reg_weight}")
 
     def base(self) -> BasePrecision:
         """How the frozen denoiser is stored (:class:`tlora.quantize.BasePrecision`)."""
@@ -131,44 +155,22 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        try:
-            check_fields(d, cls, "train config")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
+        """Our JSON: the fields as keys, T-LoRA settings under ``tlora`` (a mapping, read by
+        :meth:`TLoRAConfig.from_dict`); a string for ``validation_prompts`` is one prompt. Every error is one
+        line naming the key (``tlora.rank``) and ``source``."""
+        if not isinstance(d, dict):
+            raise UsageError(f"{source} must hold an object of settings")
         d = dict(d)
-        try:
-            if "tlora" in d:
-                t = d["tlora"]
-                d["tlora"] = t if isinstance(t, TLoRAConfig) else TLoRAConfig.from_dict({"target_module": (), **t})
-            for k in ("validation_prompts",):
-                if isinstance(d.get(k), str):
-                    d[k] = [d[k]]
-            cfg = cls(**d)
-        except (TypeError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        _check_types(cfg)
-        return cfg
-
-    def _validate_numbers(self) -> None:
-        """Every float field finite; the optimizer's numbers in their ranges (a NaN or negative value would train
-        NaN weights or raise inside torch)."""
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if float in (hints[f.name], *get_args(hints[f.name])) and isinstance(v, (int, float)) and \
-                    not isinstance(v, bool) and not math.isfinite(v):
-                raise UsageError(f"{f.name} must be a finite number, got {v}")
-        rules = [(self.max_grad_norm is not None and not self.max_grad_norm > 0, "max_grad_norm", "> 0 or null"),
-                 (self.weight_decay < 0, "weight_decay", ">= 0"),
-                 (not 0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)"),
-                 (not 0 <= self.adam_beta2 < 1, "adam_beta2", "in [0, 1)"),
-                 (not self.adam_epsilon > 0, "adam_epsilon", "> 0"),
-                 (self.lr_warmup_steps < 0, "lr_warmup_steps", ">= 0"),
-                 (self.prior_loss_weight < 0, "prior_loss_weight", ">= 0")]
-        for bad, name, allowed in rules:
-            if bad:
-                raise UsageError(f"{name} must be {allowed}, got {getattr(self, name)}")
+        t = d.get("tlora")
+        if isinstance(t, dict):
+            try:
+                d["tlora"] = TLoRAConfig.from_dict({"target_module": (), **t}, source)
+            except SettingError as e:
+                raise e.renamed("tlora." + e.key, source) from None
+        if isinstance(d.get("validation_prompts"), str):
+            d["validation_prompts"] = [d["validation_prompts"]]
+        return S.parse(cls, d, source)
 
     def _validate_prompts(self) -> None:
         """prompt_template may use only {placeholder} and {class_name} (no positions, attributes or format specs);
@@ -195,29 +197,7 @@ class TrainConfig:
 
 
 _TYPE_CHECKS = {dict: lambda v: isinstance(v, dict), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-                float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                 bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    """Every field's value against its annotation (int, float, bool, str; Optional[...] may be null)."""
-    hints = get_type_hints(type(cfg))
-    for f in fields(cfg):
-        v, t = getattr(cfg, f.name), hints[f.name]
-        optional = get_origin(t) is Union and type(None) in get_args(t)
-        base = next(a for a in get_args(t) if a is not type(None)) if optional else t
-        if v is None:
-            if not optional:
-                raise UsageError(f"{f.name} must not be null")
-            continue
-        if get_origin(base) in (list, List):
-            item = get_args(base)[0]
-            if not isinstance(v, list) or not all(_TYPE_CHECKS[item](i) for i in v):
-                raise UsageError(f"{f.name} must be a list of {item.__name__}, got {v!r}")
-            continue
-        check = _TYPE_CHECKS.get(base)
-        if check is not None and not check(v):
-            raise UsageError(f"{f.name} must be {base.__name__}, got {v!r}")
 
 
 def parse_value(text: str) -> Any:
@@ -245,22 +225,10 @@ def apply_overrides(d: dict, sets: List[str]) -> dict:
 
 
 # -- SimpleTuner ------------------------------------------------------------------------------------------
-SIMPLETUNER_KEYS = {
-    "pretrained_model_name_or_path": "model", "output_dir": "output_dir", "instance_data_dir": "data_dir",
-    "learning_rate": "learning_rate", "max_train_steps": "max_steps", "train_batch_size": "batch_size",
-    "resolution": "resolution", "validation_steps": "validation_steps", "seed": "seed",
-    "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
-    "gradient_accumulation_steps": "gradient_accumulation_steps", "lr_scheduler": "lr_scheduler",
-    "lr_warmup_steps": "lr_warmup_steps", "checkpointing_steps": "checkpointing_steps",
-    "checkpoints_total_limit": "checkpoints_total_limit", "validation_num_inference_steps": "validation_inference_steps",
-    "validation_guidance": "validation_guidance", "validation_lycoris_strength": "validation_multiplier",
-    "num_validation_images": "num_validation_images", "max_grad_norm": "max_grad_norm",
-    "adam_weight_decay": "weight_decay", "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2",
-    "adam_epsilon": "adam_epsilon", "prediction_type": "prediction_type", "resume_from_checkpoint": "resume",
-}
+SIMPLETUNER_KEYS = S.foreign_names(TrainConfig, "simpletuner")     # SimpleTuner key → field, from the schema
 SIMPLETUNER_HANDLED = {"model_type", "lora_type", "lycoris_config", "validation_prompt", "validation_prompts",
                        "data_backend_config", "num_train_epochs", "optimizer", "use_8bit_adam", "model_family",
-                       "instance_prompt", "user_prompt_library", "validation_resolution", "base_model_precision"}
+                       "user_prompt_library", "validation_resolution", "base_model_precision"}
 
 
 def is_simpletuner(d: dict) -> bool:
@@ -301,25 +269,20 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     if "lycoris_config" not in d:
         raise UsageError("SimpleTuner config has no 'lycoris_config': point it at a LyCORIS JSON with algo 'tlora'")
     lyc_path = _resolve(d["lycoris_config"], base_dir)
-    try:
-        tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError))
-    except UsageError:
-        raise
-    except ValueError as e:
-        raise UsageError(f"{lyc_path}: {_renamed(str(e), _LYCORIS_NAMES, '')}") from None
+    tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError), f"'{lyc_path.name}'")
     out: dict = {"tlora": tl}
     for k, v in d.items():
         if k in SIMPLETUNER_KEYS:
             out[SIMPLETUNER_KEYS[k]] = v
     if isinstance(out.get("resolution"), float):     # 1024.0: an integer (checked above)
         out["resolution"] = int(out["resolution"])
+    if out.get("resume") == "latest" and not _has_checkpoints(out.get("output_dir")):
+        del out["resume"]       # SimpleTuner's resume_from_checkpoint 'latest' starts fresh when nothing is saved yet
     if "validation_prompts" in d or "validation_prompt" in d:
         vp = d.get("validation_prompts", d.get("validation_prompt"))
         out["validation_prompts"] = [vp] if isinstance(vp, str) else list(vp)
     if "data_dir" not in out and "data_backend_config" in d:
         out["data_dir"] = _data_dir_from_backend(_resolve(d["data_backend_config"], base_dir), base_dir)
-    if "instance_prompt" in d:
-        out["prompt_template"] = d["instance_prompt"]
     if "base_model_precision" in d:          # int8-torchao, nf4-bnb, …: (precision, backend)
         bp = BasePrecision.from_simpletuner(d["base_model_precision"])
         out["base_precision"], out["quantization_backend"] = bp.precision, bp.backend
@@ -335,7 +298,12 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     for k in ("data_dir", "model"):
         if k in out and isinstance(out[k], str) and not Path(out[k]).is_absolute() and (base_dir / out[k]).exists():
             out[k] = str(base_dir / out[k])
-    return TrainConfig.from_dict(out)
+    return S.build(TrainConfig, out, "the SimpleTuner config", {f: k for k, f in SIMPLETUNER_KEYS.items()})
+
+
+def _has_checkpoints(output_dir) -> bool:
+    return isinstance(output_dir, str) and Path(output_dir).is_dir() and \
+        any(p.name.startswith("checkpoint-") for p in Path(output_dir).iterdir())
 
 
 def _resolve(path: str, base_dir: Path) -> Path:
@@ -352,81 +320,39 @@ def _data_dir_from_backend(path: Path, base_dir: Path) -> str:
 
 
 # -- the official repository's flags ------------------------------------------------------------------------
-OFFICIAL_FLAGS = {
-    "pretrained_model_name_or_path": str, "train_data_dir": str, "output_dir": str, "mixed_precision": str,
-    "trainer_type": str, "trainer_class": str, "num_train_epochs": int, "checkpointing_steps": int,
-    "resolution": int, "validation_prompts": str, "num_val_imgs_per_prompt": int, "placeholder_token": str,
-    "class_name": str, "seed": int, "lora_rank": int, "min_rank": int, "alpha_rank_scale": float,
-    "sig_type": str, "one_image": str, "wandb_api_key": str, "learning_rate": float, "train_batch_size": int,
-}
-
-
-_OFFICIAL_NAMES = {"rank": "lora_rank", "min_rank": "min_rank", "exponent": "alpha_rank_scale",
-                   "trainer_type": "trainer_type", "sig_type": "sig_type", "max_steps": "num_train_epochs",
-                   "num_validation_images": "num_val_imgs_per_prompt", "placeholder": "placeholder_token",
-                   "batch_size": "train_batch_size", "seed": "seed", "learning_rate": "learning_rate",
-                   "resolution": "resolution", "mixed_precision": "mixed_precision",
-                   "checkpointing_steps": "checkpointing_steps", "validation_steps": "checkpointing_steps",
-                   "one_image": "one_image", "class_name": "class_name", "device": "device"}
-
-
-_LYCORIS_NAMES = {"rank": "linear_dim", "alpha": "linear_alpha", "min_rank": "tlora_min_rank",
-                  "exponent": "tlora_alpha", "variant": "tlora_variant", "init": "tlora_init"}
-
-
-def _renamed(msg: str, names: dict, dashes: str = "--") -> str:
-    """A config error in the source's own key ("rank must be …" → "--lora_rank must be …")."""
-    head, _, rest = msg.partition(" ")
-    return f"{dashes}{names[head]} {rest}" if head in names else msg
-
-
-def _official_message(msg: str) -> str:
-    return _renamed(msg, _OFFICIAL_NAMES)
-
-
-def _given(a: dict, key: str, default):
-    """The flag's value when it was given (0 and "" included: absent and zero are different), else the default."""
-    return a[key] if a.get(key) is not None else default
+OFFICIAL_TRAIN = S.foreign_names(TrainConfig, "official")     # flag → TrainConfig field, from the schema
+OFFICIAL_TLORA = S.foreign_names(TLoRAConfig, "official")     # flag → TLoRAConfig field
+OFFICIAL_OWN = ("trainer_type", "trainer_class", "validation_prompts", "wandb_api_key")   # read here, strings
+OFFICIAL_FLAGS = {**{f: (TrainConfig, n) for f, n in OFFICIAL_TRAIN.items()},
+                  **{f: (TLoRAConfig, n) for f, n in OFFICIAL_TLORA.items()}, **{f: None for f in OFFICIAL_OWN}}
+OFFICIAL_DEFAULTS = {"trainer_class": "sdxl_tlora", "trainer_type": "ortho_lora", "lora_rank": 64, "min_rank": 32,
+                     "alpha_rank_scale": 1.0, "sig_type": "last", "num_train_epochs": 800}
 
 
 def from_official(a: dict) -> TrainConfig:
-    """The official ``train.py`` flags (``trainer_class`` sdxl_tlora|sdxl_lora, '#'-separated prompts)."""
-    trainer_class = _given(a, "trainer_class", "sdxl_tlora")
-    if trainer_class not in ("sdxl_tlora", "sdxl_lora"):
-        raise UsageError(f"--trainer_class must be sdxl_tlora or sdxl_lora, got {trainer_class!r}")
-    rank = _given(a, "lora_rank", 64)
+    """The official ``train.py`` flags (``trainer_class`` sdxl_tlora|sdxl_lora, '#'-separated prompts); each
+    value is checked against the schema of the field it sets, and an error names the flag."""
+    a = {**OFFICIAL_DEFAULTS, **{k: v for k, v in a.items() if v is not None}}
+    spelled = {f: "--" + k for k, f in OFFICIAL_TRAIN.items()}
+    if a["trainer_class"] not in ("sdxl_tlora", "sdxl_lora"):
+        raise SettingError("trainer_class", "'sdxl_tlora' or 'sdxl_lora'", a["trainer_class"], spelled="--trainer_class")
     # sdxl_lora is the official plain-LoRA baseline: all ranks at every step (min_rank = rank)
-    min_rank = rank if trainer_class == "sdxl_lora" else _given(a, "min_rank", 32)
-    try:
-        tl = TLoRAConfig.from_official(_given(a, "trainer_type", "ortho_lora"), rank, min_rank,
-                                       _given(a, "alpha_rank_scale", 1.0), _given(a, "sig_type", "last"))
-    except ValueError as e:
-        raise UsageError(_official_message(str(e))) from None
-    flags = {"trainer_class": trainer_class, "trainer_type": _given(a, "trainer_type", "ortho_lora"), "lora_rank": rank,
-             "min_rank": _given(a, "min_rank", 32), "alpha_rank_scale": float(_given(a, "alpha_rank_scale", 1.0)),
-             "sig_type": _given(a, "sig_type", "last"), "revision": None,
-             **{k: v for k, v in a.items() if v is not None and k not in ("output_dir", "wandb_api_key")}}
-    d: dict = {"tlora": tl, "official_flags": flags, "model": _given(a, "pretrained_model_name_or_path", ""),
-               "data_dir": _given(a, "train_data_dir", ""), "max_steps": _given(a, "num_train_epochs", 800)}
-    simple = {"output_dir": "output_dir", "mixed_precision": "mixed_precision", "checkpointing_steps": "checkpointing_steps",
-              "resolution": "resolution", "num_val_imgs_per_prompt": "num_validation_images",
-              "placeholder_token": "placeholder", "class_name": "class_name", "seed": "seed",
-              "one_image": "one_image", "learning_rate": "learning_rate", "train_batch_size": "batch_size"}
-    for k, v in simple.items():
-        if a.get(k) is not None:
-            d[v] = a[k]
-    if a.get("validation_prompts") is not None:
-        d["validation_prompts"] = [p.strip() for p in a["validation_prompts"].split("#")]
+    min_rank = a["lora_rank"] if a["trainer_class"] == "sdxl_lora" else a["min_rank"]
+    tl = TLoRAConfig.from_official(a["trainer_type"], a["lora_rank"], min_rank, a["alpha_rank_scale"], a["sig_type"])
+    flags = {"revision": None, **{k: v for k, v in a.items() if k not in ("output_dir", "wandb_api_key")}}
+    d: dict = {n: a[f] for f, n in OFFICIAL_TRAIN.items() if f in a}
+    if "validation_prompts" in a:
+        d["validation_prompts"] = [p.strip() for p in str(a["validation_prompts"]).split("#")]
         if not all(d["validation_prompts"]):
             raise UsageError(f"--validation_prompts {a['validation_prompts']!r} has an empty prompt: separate "
                              "non-empty prompts with #")
-    if a.get("checkpointing_steps") is not None:
+    if "checkpointing_steps" in a:
         d["validation_steps"] = a["checkpointing_steps"]   # the official script validates at each checkpoint
+    cfg = S.build(TrainConfig, {**d, "tlora": tl, "official_flags": flags}, None, spelled)
     try:
-        cfg = TrainConfig.from_dict(d)
         cfg.validate()
-    except UsageError as e:
-        raise UsageError(_official_message(str(e))) from None
+    except SettingError as e:
+        raise e.renamed(spelled.get(e.key, e.key), None) from None
     return cfg
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from .config import TLoRAConfig
 from .families import FAMILIES
 from .fileio import atomic_write, first_line
-from .layers import TLoRAAdapter
+from .layers import FORMS, TLoRAAdapter
 from .network import TLoRANetwork
 
 FORMAT = "tlora"
@@ -157,7 +158,9 @@ def write_native(tensors: Dict[str, torch.Tensor], header: dict, path: os.PathLi
 
 def save(network: TLoRANetwork, path: os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write ``network`` to ``path`` (safetensors, atomically). ``metadata`` may give ``base_model``,
-    ``family`` and ``training``; other keys go into ``training``."""
+    ``family`` and ``training``; other keys go into ``training``. A removed network is refused (its file
+    would hold no adapters)."""
+    network.refuse_if_removed()
     return write_native(network.state_dict(), header_of(network, metadata), path)
 
 
@@ -245,6 +248,36 @@ def _check_header(header: dict) -> None:
             raise ValueError(f"modules[{path!r}] has kind {m['kind']!r} and base_shape {shape!r}")
         if isinstance(m["alpha"], bool) or not isinstance(m["alpha"], (int, float)):
             raise ValueError(f"modules[{path!r}].alpha must be a number, got {m['alpha']!r}")
+
+
+def check_state(tensors: Dict[str, torch.Tensor], header: dict, source: Any = "file") -> None:
+    """Structure before math: the tensors a native state holds are exactly those its header's modules describe
+    (names, shapes from each variant's :meth:`~tlora.layers.Variant.shapes`, floating-point dtypes), so nothing
+    downstream (export, inspect, load) indexes a missing tensor or multiplies mismatched ones. WeightsFileError
+    naming the first difference."""
+    want: Dict[str, tuple] = {}
+    for path, m in header["modules"].items():
+        shape, rank = list(m["base_shape"]), m["rank"]
+        conv = m["kind"] == "conv2d"
+        if len(shape) != (4 if conv else 2):
+            raise WeightsFileError(f"{source}: modules[{path!r}] is {m['kind']} with base_shape {shape}")
+        if m["variant"] == "ortho" and rank > min(shape[0], math.prod(shape[1:])):
+            raise WeightsFileError(f"{source}: modules[{path!r}] has ortho rank {rank} above min(out, in) of "
+                                   f"its layer {shape}")
+        down, up = (rank, *shape[1:]), (shape[0], rank) + ((1, 1) if conv else ())
+        for name, sh in FORMS[m["variant"]].shapes(rank, down, up).items():
+            want[f"{path}.{name}"] = sh
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise WeightsFileError(f"{source}: its tensors do not match its header ("
+                               + (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+                               + f"; {len(missing)} missing, {len(extra)} unexpected)")
+    for k, sh in want.items():
+        t = tensors[k]
+        if not t.is_floating_point():
+            raise WeightsFileError(f"{source}: tensor {k} is {t.dtype}; weights must be floating point")
+        if tuple(t.shape) != sh:
+            raise WeightsFileError(f"{source}: tensor {k} has shape {list(t.shape)}, its header says {list(sh)}")
 
 
 def build_network(model: nn.Module, specs: Dict[str, dict], config: TLoRAConfig, source: str = "file"
