@@ -2,6 +2,7 @@
 import folder_paths
 
 from tlora.comfyui import load_tlora, schedule_image, schedule_rows, schedule_text
+from tlora.settings import MAX_RANK
 
 
 class LoadTLoRA:
@@ -23,9 +24,9 @@ class LoadTLoRA:
                 "mask": ("BOOLEAN", {"default": True, "tooltip": "off: every rank at every step (for comparison)"}),
             },
             "optional": {
-                "min_rank": ("INT", {"default": 0, "min": 0, "max": 65536, "tooltip":
+                "min_rank": ("INT", {"default": 0, "min": 0, "max": MAX_RANK, "tooltip":
                                      "only for a file that does not carry its schedule; 0 = from the file"}),
-                "exponent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip":
+                "exponent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip":
                                        "schedule exponent α, only for a file without a schedule; 0 = from the file"}),
             },
         }

@@ -9,9 +9,11 @@ images, ``{w}`` a good tlora weights file for it, ``{official}`` an official che
 ``{in}`` this case's input folder, ``{out}`` the output location the case must leave alone.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +45,8 @@ def world(tmp_path_factory):
     tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
     net.remove()
     save_file(official_checkpoint(pipe.unet, "lora", 4), str(root / "official.safetensors"))
+    linears = [(n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q")][:2]
+    LYC_MODULES.update({"lycoris_" + n.replace(".", "_"): tuple(m.weight.shape) for n, m in linears})
     (root / "hp.yml").write_text("lora_rank: 4\nmin_rank: 2\nalpha_rank_scale: 1.0\n")
     # a finished 2-step run with checkpoint-2, for the --resume cases
     run_cfg = dict(BASE, model=str(root / "model"), data_dir=str(root / "data"), output_dir=str(root / "run"),
@@ -380,7 +384,7 @@ CASES = {
         "c.safetensors": crafted(lambda h: h.update(num_train_timesteps=-5))}),
     "generate header is a list": gen("header", "--weights", "{in}/c.safetensors", files={
         "c.safetensors": crafted(lambda h: (h.clear()))}),
-    "generate weights of another model": gen("wrong base model", "--weights", "{in}/c.safetensors", files={
+    "generate weights of another model": gen("its header says", "--weights", "{in}/c.safetensors", files={
         "c.safetensors": crafted(lambda h: [m.update(base_shape=[7, 7]) for m in h["modules"].values()])}),
     "generate multiplier nan": gen("--multiplier", "--multiplier", "nan"),
     "generate guidance inf": gen("--guidance", "--guidance", "inf"),
@@ -465,7 +469,7 @@ CASES = {
     "train dry-run bad precision": (["train", "--config", "{in}/c.json", "--dry-run"],
                                     {"c.json": cfg(base_precision="fp4")}, "base_precision"),
     "generate base-precision int4": (["generate", "--model", "{model}", "--weights", "{w}", "--prompt", "x",
-                                      "--out", "{out}", "--base-precision", "int4"], {}, "base_precision"),
+                                      "--out", "{out}", "--base-precision", "int4"], {}, "--base-precision"),
     "memory model missing": (["memory", "--model", "{in}/none"], {}, "model config not found"),
     "memory config not json": (["memory", "--model", "{in}/config.json"], {"config.json": "{not json"}, "JSON"),
     "memory config not a model": (["memory", "--model", "{in}/config.json"], {"config.json": {"a": 1}},
@@ -480,6 +484,366 @@ CASES = {
     "demo rank -1": (["demo", "--rank", "-1", "--out", "{out}"], {}, "--rank"),
     "demo out is a file": (["demo", "--out", "{out}"], {"@out": b"a file"}, "--out"),
 }
+
+
+# -- kinds the first table did not have (issue 27): each a class closed by one owner ---------------------------------
+def link_to(target: str):
+    """``{out}`` (or a file of ``{in}``) as a symlink to ``target`` (placeholders filled at make time)."""
+    def make(path, world):
+        path.symlink_to(Path(str(target).replace("{w}", str(world / "w.safetensors")).replace("{in}", str(path.parent / "in"))
+                             .replace("{data}", str(world / "data")).replace("{model}", str(world / "model"))))
+    return make
+
+
+def dangling(path, world):
+    path.symlink_to(path.parent / "nowhere")
+
+
+def loop(path, world):
+    path.symlink_to(path)
+
+
+def copy_of(name):
+    def make(path, world):
+        shutil.copy(world / name, path)
+    return make
+
+
+def raw_native(change):
+    """A native file whose tensors ``change`` edits (dtype, shape, names kept or not), checksum recomputed, so
+    only the structure check can catch it."""
+    def make(path, world):
+        tensors, meta = tlora.weights.read(world / "w.safetensors")
+        header = json.loads(meta["tlora"])
+        change(tensors, header)
+        text = json.dumps(header, sort_keys=True)
+        t = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(t, str(path), metadata={"tlora": text, "tlora_sha256": tlora.weights._checksum(text, t),
+                                          "format": "pt"})
+    return make
+
+
+def _first(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+def lyc_file(change=None, meta=None):
+    """A LyCORIS tlora file (SimpleTuner's layout) for two attention projections of the tiny UNet."""
+    def make(path, world):
+        g = torch.Generator().manual_seed(0)
+        t = {}
+        for name, (out_f, in_f) in LYC_MODULES.items():
+            t[f"{name}.q_layer.weight"] = torch.randn(4, in_f, generator=g)
+            t[f"{name}.p_layer.weight"] = torch.randn(out_f, 4, generator=g)
+            t[f"{name}.lambda_layer"] = torch.rand(1, 4, generator=g)
+            t[f"{name}.alpha"] = torch.tensor(4.0)
+        if change:
+            change(t)
+        m = {"lycoris_config": json.dumps({"algo": "tlora", "linear_dim": 4, "linear_alpha": 4, "tlora_min_rank": 2,
+                                           "tlora_alpha": 1.0})}
+        m.update(meta or {})
+        save_file(t, str(path), metadata=m)
+    return make
+
+
+LYC_MODULES = {}    # filled by the world fixture: lycoris name → (out, in) of two attention projections
+
+
+def off_file(change):
+    def make(path, world):
+        from safetensors.torch import load_file
+        t = load_file(str(world / "official.safetensors"))
+        change(t)
+        save_file(t, str(path))
+    return make
+
+
+def state_edit(change_json=None, change_tensors=None):
+    """The finished run copied to {out}, checkpoint-2's state.json or state.safetensors edited (valid JSON,
+    valid safetensors: only the resume checks can catch it)."""
+    def edit(ck):
+        if change_json:
+            info = json.loads((ck / "state.json").read_text())
+            change_json(info)
+            (ck / "state.json").write_text(json.dumps(info))
+        if change_tensors:
+            from safetensors.torch import load_file
+            t = load_file(str(ck / "state.safetensors"))
+            change_tensors(t)
+            save_file(t, str(ck / "state.safetensors"))
+    return resume_from(edit)
+
+
+def _first_moment(t):
+    k = next(k for k in sorted(t) if k.endswith("exp_avg"))
+    t[k] = torch.zeros(3, 3)
+
+
+def bomb_png(path, world=None):
+    """A PNG whose header claims 20000 × 20000 pixels (no pixel data needed for Pillow to refuse it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                           + chunk(b"IEND", b""))
+
+
+RESUME = ["train", "--config", "{in}/c.json", "--resume", "latest"]
+LYC_CONV = ["convert", "{in}/l.safetensors", "{out}", "--to", "tlora", "--model", "{model}"]
+
+
+def lyc_case(says, change=None, meta=None, *flags):
+    return (LYC_CONV + list(flags), {"l.safetensors": lyc_file(change, meta)}, says)
+
+
+NEW_CASES = {
+    # -- symlinks ------------------------------------------------------------------------------------------------
+    "convert out symlink to input": (["convert", "{in}/w.safetensors", "{out}", "--to", "diffusers"],
+                                     {"w.safetensors": copy_of("w.safetensors"), "@out": link_to("{in}/w.safetensors")},
+                                     "is the input"),
+    "inspect plot symlink to input": (["inspect", "{in}/w.safetensors", "--plot", "{out}"],
+                                      {"w.safetensors": copy_of("w.safetensors"),
+                                       "@out": link_to("{in}/w.safetensors")}, "is the input"),
+    "train output_dir dangling symlink": (["train", "--config", "{in}/c.json"], {"c.json": cfg(), "@out": dangling},
+                                          "symlink to nothing"),
+    "train output_dir symlink loop": (["train", "--config", "{in}/c.json"], {"c.json": cfg(), "@out": loop},
+                                      "symlink"),
+    "train output_dir symlink to data_dir": (["train", "--config", "{in}/c.json"],
+                                             {"c.json": cfg(), "@out": link_to("{data}")}, "is the input"),
+    "generate out dangling symlink": gen("symlink to nothing", files={"@out": dangling}),
+    "generate out symlink loop": gen("symlink", files={"@out": loop}),
+    "generate out symlink to the model": gen("is the input", files={"@out": link_to("{model}")}),
+    "convert out dangling symlink": conv("symlink to nothing", files={"@out": dangling}),
+    "inspect plot dangling symlink": (["inspect", "{w}", "--plot", "{out}"], {"@out": dangling}, "symlink"),
+    "evaluate out dangling symlink": evaluate("symlink", files={"@out": dangling}),
+    "demo out dangling symlink": (["demo", "--out", "{out}", "--steps", "1"], {"@out": dangling}, "symlink"),
+    "train output_dir below a dangling symlink": (["train", "--config", "{in}/c.json"],
+                                                  {"c.json": cfg(output_dir="{out}/run"), "@out": dangling},
+                                                  "symlink to nothing"),
+    # -- output = input --------------------------------------------------------------------------------------------
+    "convert onto itself (tlora)": (["convert", "{in}/w.safetensors", "{in}/w.safetensors", "--to", "tlora"],
+                                    {"w.safetensors": copy_of("w.safetensors")}, "is the input"),
+    "convert onto itself (kohya)": (["convert", "{in}/w.safetensors", "{in}/w.safetensors", "--to", "kohya"],
+                                    {"w.safetensors": copy_of("w.safetensors")}, "is the input"),
+    "convert onto its hparams": (["convert", "{in}/o.safetensors", "{in}/hp.yml", "--to", "tlora", "--hparams",
+                                  "{in}/hp.yml"], {"o.safetensors": copy_of("official.safetensors"),
+                                                   "hp.yml": "lora_rank: 4\nmin_rank: 2\nalpha_rank_scale: 1.0\n"},
+                                 "is the input"),
+    "inspect plot onto the file": (["inspect", "{in}/w.safetensors", "--plot", "{in}/w.safetensors"],
+                                   {"w.safetensors": copy_of("w.safetensors")}, "is the input"),
+    "evaluate out onto a generated image": evaluate("input", "--out", "{in}/imgs/0.png"),
+    "evaluate out onto the reference": evaluate("is the input", "--reference", "{in}/ref.png", "--out",
+                                                "{in}/ref.png", files={"ref.png": "PNG"}),
+    "train output_dir is data_dir": train_cfg("is the input", output_dir="{in}/d", data_dir="{in}/d")[:1] + (
+        {"c.json": cfg(output_dir="{in}/d", data_dir="{in}/d"), "d/a.png": "PNG"}, "is the input"),
+    "train output_dir is the model": train_cfg("is the input", output_dir="{model}"),
+    "generate out is the model": gen("is the input", "--out", "{model}"),
+    # -- the run folder --------------------------------------------------------------------------------------------
+    "rerun into a finished run": (["train", "--config", "{in}/c.json"], {"c.json": cfg(max_steps=2, checkpointing_steps=2,
+                                  num_validation_images=0), "@out": resume_from()}, "holds a finished run"),
+    "rerun with more steps into a finished run": (["train", "--config", "{in}/c.json"],
+                                                  {"c.json": cfg(max_steps=5, checkpointing_steps=2,
+                                                                 num_validation_images=0), "@out": resume_from()},
+                                                  "--resume latest"),
+    "resume latest with no checkpoint": (RESUME, {"c.json": cfg()}, "holds no checkpoint of this run"),
+    "resume and overwrite": (RESUME + ["--overwrite"], {"c.json": cfg()}, "not both"),
+    "overwrite another run": (["train", "--config", "{in}/c.json", "--overwrite"],
+                              {"c.json": cfg(tlora={"rank": 8}), "@out": resume_from()}, "of another run"),
+    "user folder named checkpoint": (["train", "--config", "{in}/c.json"],
+                                     {"c.json": cfg(), "@out/": None, "@out/checkpoint-1/x.txt": b"mine"},
+                                     "checkpoint-1"),
+    "lock is a folder": (["train", "--config", "{in}/c.json"], {"c.json": cfg(), "@out/.tlora.lock/": None},
+                         ".tlora.lock"),
+    "demo over an earlier demo": (["demo", "--out", "{out}", "--steps", "1"], {"@out/": None}, "--overwrite"),
+    "generate over an earlier output": gen("earlier generate output", files={"@out/": None,
+                                                                              "@out/generate.json": b"{}"}),
+    # -- crafted native files --------------------------------------------------------------------------------------
+    "native bool tensor": conv("floating point", src="{in}/c.safetensors", files={"c.safetensors": raw_native(
+        lambda t, h: t.update({_first(t, ".lam"): t[_first(t, ".lam")] > 0}))}),
+    "native int8 tensor": conv("floating point", src="{in}/c.safetensors", files={"c.safetensors": raw_native(
+        lambda t, h: t.update({_first(t, ".q"): t[_first(t, ".q")].to(torch.int8)}))}),
+    "native tensor missing": conv("missing", src="{in}/c.safetensors", files={"c.safetensors": raw_native(
+        lambda t, h: t.pop(_first(t, ".p0")))}),
+    "native tensor extra": conv("unexpected", src="{in}/c.safetensors", files={"c.safetensors": raw_native(
+        lambda t, h: t.update({"x.y": torch.zeros(1)}))}),
+    "native tensor wrong shape": conv("has shape", src="{in}/c.safetensors", files={"c.safetensors": raw_native(
+        lambda t, h: t.update({_first(t, ".q"): torch.zeros(3, 3)}))}),
+    "native module min_rank above rank": conv("min_rank", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: [m.update(min_rank=9) for m in h["modules"].values()])}),
+    "native config min_rank above rank": conv("min_rank", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: h["config"].update(min_rank=9))}),
+    "native module exponent string": conv("exponent", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: [m.update(exponent="1") for m in h["modules"].values()])}),
+    "native module kind bogus": conv("kind", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: [m.update(kind="conv3d") for m in h["modules"].values()])}),
+    "native base_shape of a conv": conv("base_shape", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: [m.update(kind="conv2d") for m in h["modules"].values()])}),
+    "native rank above the layer": conv("rank", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: [m.update(rank=4000) for m in h["modules"].values()])}),
+    "native config rank bool": conv("rank", src="{in}/c.safetensors", files={"c.safetensors": crafted(
+        lambda h: h["config"].update(rank=True))}),
+    "native config target_name string": conv("target_name", src="{in}/c.safetensors", files={
+        "c.safetensors": crafted(lambda h: h["config"].update(target_name="down"))}),
+    "native config multiplier NaN-like": conv("multiplier", src="{in}/c.safetensors", files={
+        "c.safetensors": crafted(lambda h: h["config"].update(multiplier=-1))}),
+    "inspect native int8 tensor": (["inspect", "{in}/c.safetensors"], {"c.safetensors": raw_native(
+        lambda t, h: t.update({_first(t, ".q"): t[_first(t, ".q")].to(torch.int8)}))}, "floating point"),
+    "generate native tensor missing": gen("missing", "--weights", "{in}/c.safetensors", files={
+        "c.safetensors": raw_native(lambda t, h: t.pop(_first(t, ".lam0")))}),
+    "generate native bool tensor": gen("floating point", "--weights", "{in}/c.safetensors", files={
+        "c.safetensors": raw_native(lambda t, h: t.update({_first(t, ".lam"): t[_first(t, ".lam")] > 0}))}),
+    # -- crafted LyCORIS files ------------------------------------------------------------------------------------
+    "LyCORIS file p_layer missing": lyc_case("p_layer", lambda t: t.pop(next(k for k in sorted(t) if "p_layer" in k))),
+    "LyCORIS file lambda wrong size": lyc_case("do not fit", lambda t: t.update(
+        {next(k for k in sorted(t) if "lambda" in k): torch.ones(1, 3)})),
+    "LyCORIS file int tensor": lyc_case("floating point", lambda t: t.update(
+        {next(k for k in sorted(t) if "q_layer" in k): torch.ones(4, 32, dtype=torch.int32)})),
+    "LyCORIS file q of another width": lyc_case("do not fit", lambda t: t.update(
+        {next(k for k in sorted(t) if "q_layer" in k): torch.ones(4, 7)})),
+    "LyCORIS file base_q alone": lyc_case("come together", lambda t: t.update(
+        {next(k for k in sorted(t) if "q_layer" in k).replace("q_layer.weight", "base_q"): torch.ones(4, 32)})),
+    "LyCORIS file alpha a vector": lyc_case("alpha", lambda t: t.update(
+        {next(k for k in sorted(t) if k.endswith(".alpha")): torch.ones(3)})),
+    "LyCORIS file unknown leaf": lyc_case("not", lambda t: t.update(
+        {next(k for k in sorted(t) if "q_layer" in k).replace("q_layer.weight", "hada_w1_a"): torch.ones(4, 32)})),
+    "LyCORIS file metadata not JSON": lyc_case("not valid JSON", None, {"lycoris_config": "{nope"}),
+    "LyCORIS file metadata min_rank above rank": lyc_case("min_rank", None, {"lycoris_config": json.dumps(
+        {"algo": "tlora", "linear_dim": 4, "tlora_min_rank": 9, "tlora_alpha": 1.0})}),
+    "LyCORIS file metadata tlora_alpha string": lyc_case("tlora_alpha", None, {"lycoris_config": json.dumps(
+        {"algo": "tlora", "linear_dim": 4, "tlora_min_rank": 2, "tlora_alpha": "1"})}),
+    "LyCORIS file metadata a list": lyc_case("JSON object", None, {"lycoris_config": "[1, 2]"}),
+    "LyCORIS file min-rank above rank": lyc_case("min_rank", None, {"lycoris_config": json.dumps(
+        {"algo": "tlora"})}, "--min-rank", "9"),
+    # -- crafted official files and hparams ----------------------------------------------------------------------
+    "official file up missing": conv("complete", "--hparams", "{hp}", src="{in}/o.safetensors", files={
+        "o.safetensors": off_file(lambda t: t.pop(next(k for k in sorted(t) if k.endswith("up.weight"))))}),
+    "official file int tensor": (["convert", "{in}/o.safetensors", "{out}", "--to", "diffusers", "--hparams", "{hp}"],
+                                 {"o.safetensors": off_file(lambda t: t.update(
+                                     {next(k for k in sorted(t) if k.endswith("down.weight")): torch.ones(
+                                         4, 32, dtype=torch.int64)}))}, "floating point"),
+    "official file shapes disagree": (["convert", "{in}/o.safetensors", "{out}", "--to", "diffusers", "--hparams",
+                                       "{hp}"], {"o.safetensors": off_file(lambda t: t.update(
+                                           {next(k for k in sorted(t) if k.endswith("up.weight")): torch.ones(32, 3)}))},
+                                      "do not agree"),
+    "official min-rank above rank": (["convert", "{official}", "{out}", "--to", "diffusers", "--min-rank", "9",
+                                      "--exponent", "1"], {}, "min_rank"),
+    "official hparams min_rank above lora_rank": conv("min_rank", "--hparams", "{in}/hp.yml", src="{official}",
+                                                      files={"hp.yml": "lora_rank: 4\nmin_rank: 9\n"
+                                                                       "alpha_rank_scale: 1.0\n"}),
+    "official hparams lora_rank bool": conv("lora_rank", "--hparams", "{in}/hp.yml", src="{official}",
+                                            files={"hp.yml": "lora_rank: true\nmin_rank: 2\nalpha_rank_scale: 1.0\n"}),
+    "official hparams alpha_rank_scale 0": conv("alpha_rank_scale", "--hparams", "{in}/hp.yml", src="{official}",
+                                                files={"hp.yml": "lora_rank: 4\nmin_rank: 2\nalpha_rank_scale: 0\n"}),
+    # -- absurd sizes ----------------------------------------------------------------------------------------------
+    "tlora rank 2^40": tl("rank", rank=2 ** 40),
+    "tlora conv_rank 2^40": tl("conv_rank", conv_rank=2 ** 40),
+    "train resolution 2^31": train_cfg("resolution", resolution=2 ** 31),
+    "train batch_size 10^15": train_cfg("batch_size", batch_size=10 ** 15),
+    "train max_steps 10^12": train_cfg("max_steps", max_steps=10 ** 12),
+    "train gradient_accumulation 10^9": train_cfg("gradient_accumulation_steps", gradient_accumulation_steps=10 ** 9),
+    "train validation_inference_steps 10^9": train_cfg("validation_inference_steps",
+                                                       validation_inference_steps=10 ** 9),
+    "train num_validation_images 10^9": train_cfg("num_validation_images", num_validation_images=10 ** 9),
+    "memory rank 2^40": (["memory", "--model", "{model}", "--rank", str(2 ** 40)], {}, "--rank"),
+    "memory resolution 2^31": (["memory", "--model", "{model}", "--resolution", str(2 ** 31)], {}, "--resolution"),
+    "memory batch 10^15": (["memory", "--model", "{model}", "--batch", str(10 ** 15)], {}, "--batch"),
+    "generate num-images 10^15": gen("--num-images", "--num-images", str(10 ** 15)),
+    "generate height 2^31": gen("--height", "--height", str(2 ** 31)),
+    "generate steps 10^9": gen("--steps", "--steps", str(10 ** 9)),
+    "official --lora_rank 2^40": official("--lora_rank", f"--lora_rank={2 ** 40}"),
+    # -- min_rank never clamped ----------------------------------------------------------------------------------
+    "memory min-rank 0": (["memory", "--model", "{model}", "--min-rank", "0"], {}, "--min-rank"),
+    "memory min-rank above rank": (["memory", "--model", "{model}", "--rank", "8", "--min-rank", "9"], {},
+                                   "--min-rank"),
+    "tlora conv_rank below min_rank": tl("conv_rank", conv_rank=1, min_rank=2),
+    "tlora module_algo_map min_rank above rank": tl("min_rank", module_algo_map={"Attention": {"rank": 2,
+                                                                                              "min_rank": 3}}),
+    # -- booleans, nulls, wrong types: never a default --------------------------------------------------------------
+    "tlora alpha bool": tl("alpha", alpha=True),
+    "tlora conv_alpha NaN": tl("conv_alpha", conv_alpha=float("nan")),
+    "tlora conv_alpha bool": tl("conv_alpha", conv_alpha=False),
+    "tlora multiplier 0": tl("multiplier", multiplier=0),
+    "tlora module_algo_map alpha bool": tl("alpha", module_algo_map={"Attention": {"alpha": True}}),
+    "tlora module_algo_map unknown key": tl("ranks", module_algo_map={"Attention": {"ranks": 2}}),
+    "tlora target_name a string": tl("target_name", target_name="down_blocks"),
+    "tlora exclude_name bad regex": tl("exclude_name", exclude_name=["(unclosed"]),
+    "tlora use_fnmatch string": tl("use_fnmatch", use_fnmatch="yes"),
+    "tlora variant null": tl("variant", variant=None),
+    "overwrite a string": train_cfg("overwrite", overwrite="yes"),
+    "resume empty": train_cfg("resume", resume=""),
+    "output_dir empty": train_cfg("output_dir", output_dir=""),
+    "validation_prompts a string list mix": train_cfg("validation_prompts", validation_prompts=["a", 3]),
+    "LyCORIS target_name a string": simpletuner("apply_preset.target_name", lycoris={"apply_preset": {
+        "target_name": "down_blocks"}}),
+    "LyCORIS exclude_name a string": simpletuner("apply_preset.exclude_name", lycoris={"apply_preset": {
+        "target_module": ["Attention"], "exclude_name": "down_blocks"}}),
+    "LyCORIS exclude_name bad regex": simpletuner("regular expressions", lycoris={"apply_preset": {
+        "target_module": ["Attention"], "exclude_name": ["(unclosed"]}}),
+    "LyCORIS linear_alpha null": simpletuner("linear_alpha", lycoris={"linear_alpha": None}),
+    "LyCORIS linear_alpha bool": simpletuner("linear_alpha", lycoris={"linear_alpha": True}),
+    "LyCORIS use_data_init string": simpletuner("use_data_init", lycoris={"use_data_init": "false"}),
+    "LyCORIS conv_alpha NaN": simpletuner("conv_alpha", lycoris={"conv_alpha": float("nan")}),
+    "LyCORIS conv_alpha string": simpletuner("conv_alpha", lycoris={"conv_alpha": "4"}),
+    "LyCORIS tlora_min_rank above linear_dim": simpletuner("tlora_min_rank", lycoris={"tlora_min_rank": 9}),
+    "LyCORIS module_algo_map alpha bool": simpletuner("module_algo_map", lycoris={"apply_preset": {
+        "module_algo_map": {"Attention": {"linear_alpha": True}}}}),
+    "LyCORIS bypass_mode string": simpletuner("bypass_mode", lycoris={"bypass_mode": "yes"}),
+    "LyCORIS dropout 0.1": simpletuner("dropout", lycoris={"dropout": 0.1}),
+    "LyCORIS conv_dim negative": simpletuner("conv_dim", lycoris={"conv_dim": -4}),
+    "LyCORIS apply_preset unknown key": simpletuner("target_modules", lycoris={"apply_preset": {
+        "target_modules": ["Attention"]}}),
+    "LyCORIS use_fnmatch string": simpletuner("use_fnmatch", lycoris={"apply_preset": {"use_fnmatch": "true"}}),
+    # -- resume-state edits --------------------------------------------------------------------------------------
+    "state step negative": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(lambda i: i.update(step=-1))},
+                            "step"),
+    "state step bool": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(lambda i: i.update(step=True))},
+                        "step"),
+    "state step string": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(lambda i: i.update(step="2"))},
+                          "step"),
+    "state step of another checkpoint": (RESUME, {"c.json": cfg(max_steps=4),
+                                                  "@out": state_edit(lambda i: i.update(step=1))}, "step 1"),
+    "state lr a string": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        lambda i: i["optimizer"]["param_groups"][0].update(lr="high"))}, "lr"),
+    "state betas one number": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        lambda i: i["optimizer"]["param_groups"][0].update(betas=[0.9]))}, "betas"),
+    "state params not indices": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        lambda i: i["optimizer"]["param_groups"][0].update(params=["a"]))}, "params"),
+    "state last_epoch string": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        lambda i: i["lr_scheduler"].update(last_epoch="2"))}, "last_epoch"),
+    "state base_lrs strings": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        lambda i: i["lr_scheduler"].update(base_lrs=["x"]))}, "base_lrs"),
+    "state moment of another shape": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        change_tensors=_first_moment)}, "exp_avg"),
+    "state moment of no parameter": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        change_tensors=lambda t: t.update({"opt.9999.exp_avg": torch.zeros(1)}))}, "opt.9999"),
+    "state rng missing": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        change_tensors=lambda t: t.pop("rng.torch"))}, "rng.torch"),
+    "state moment NaN": (RESUME, {"c.json": cfg(max_steps=4), "@out": state_edit(
+        change_tensors=lambda t: t.update({next(k for k in sorted(t) if k.endswith("exp_avg_sq")): torch.full_like(
+            t[next(k for k in sorted(t) if k.endswith("exp_avg_sq"))], float("nan"))}))}, "non-finite"),
+    # -- environment oddities -------------------------------------------------------------------------------------
+    "newline in the output path": (["convert", "{in}/none\nx.safetensors", "{out}", "--to", "tlora"], {},
+                                   "input file not found"),
+    "newline in a config path": (["train", "--config", "{in}/a\nb.json"], {}, "b.json"),
+    "output_dir not UTF-8": train_cfg("UTF-8", output_dir="{out}/\udcff"),
+    "output_dir name too long": train_cfg("output_dir", output_dir="{out}/" + "x" * 300),
+    "data_dir image bomb": (["train", "--config", "{in}/c.json"], {"c.json": cfg(data_dir="{in}/d"),
+                                                                   "d/bomb.png": bomb_png}, "bomb.png"),
+    "evaluate reference bomb": evaluate("ref.png", "--reference", "{in}/ref.png", files={"ref.png": bomb_png}),
+    "16-bit caption-less image is fine but output is a file": (["train", "--config", "{in}/c.json"], {
+        "c.json": cfg(data_dir="{in}/d"), "d/a.png": lambda p, w: Image.fromarray(
+            (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)).save(p), "@out": b"file"}, "output_dir"),
+    "prompts file only blank lines": gen("prompts file is empty", "--prompts-file", "{in}/p.txt",
+                                         files={"p.txt": b"\n   \n\t\n"}, drop=("--prompt",)),
+    "hparams not a mapping at all": conv("hp.yml", "--hparams", "{in}/hp.yml", src="{official}",
+                                         files={"hp.yml": "just a string\n"}),
+    "generate official form with our flag": (["generate", "--config_path", "{in}/hp.yml", "--prompts", "a {0}",
+                                              "--multiplier", "2"], {"hp.yml": "x: 1\n"}, "--multiplier"),
+}
+CASES.update(NEW_CASES)
 
 
 def _fill(x, subs):
@@ -509,7 +873,10 @@ def _make(path: Path, content, world: Path, subs):
 
 
 def snapshot(p: Path):
-    """Every path under ``p`` with its bytes (files) and mode; None when ``p`` does not exist."""
+    """Every path under ``p`` with its bytes (files) and mode; a symlink as its target; None when ``p`` does not
+    exist."""
+    if p.is_symlink():
+        return ("symlink", os.readlink(p))
     if not p.exists():
         return None
     if p.is_file():
@@ -527,9 +894,17 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, c
             "official": str(world / "official.safetensors"), "hp": str(world / "hp.yml"), "in": str(inp),
             "out": str(out)}
     for rel, content in files.items():
+        if rel.startswith("@out/") and len(rel) > 5:        # a file or folder inside {out}
+            target = out / rel[5:]
+            if rel.endswith("/"):
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            continue
         if rel.startswith("@out"):
             if rel == "@out/":
-                out.mkdir()
+                out.mkdir(exist_ok=True)
                 (out / "keep.txt").write_text("mine")
             elif callable(content):
                 content(out, world)
@@ -540,7 +915,7 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, c
             (inp / rel).mkdir(parents=True)
         else:
             _make(inp / rel, content, world, subs)
-    before = snapshot(out)
+    before, inputs = snapshot(out), snapshot(inp)
     try:
         rc = main(_fill(argv, subs))
     except SystemExit as e:      # argparse's own errors
@@ -552,9 +927,10 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, c
     assert "Traceback" not in err
     assert _fill(says, subs) in lines[0], lines[0]
     assert snapshot(out) == before, f"{out} changed"
+    assert snapshot(inp) == inputs, f"an input in {inp} changed"
     leftovers = [p.name for p in inp.rglob(".*") if p.name.startswith(".") and p.is_file()]
     assert not leftovers, leftovers
 
 
 def test_there_are_at_least_100_cases():
-    assert len(CASES) >= 100
+    assert len(CASES) >= 100 and len(NEW_CASES) >= 100

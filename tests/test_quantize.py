@@ -162,8 +162,8 @@ def test_eight_bit_adam_trains_checkpoints_and_resumes_bit_identically_on_the_cp
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(base_precision="int3"), "base_precision must be one of no, int8, nf4, got 'int3'"),
-    (dict(base_precision="int8", quantization_backend="gguf"), "quantization_backend must be one of"),
+    (dict(base_precision="int3"), "base_precision in c.json must be one of 'no', 'int8', 'nf4', got 'int3'"),
+    (dict(base_precision="int8", quantization_backend="gguf"), "quantization_backend in c.json must be one of"),
     (dict(base_precision="nf4", quantization_backend="torchao"), "nf4 is not available in torchao"),
     (dict(quantization_backend="torchao"), "needs base_precision int8 or nf4"),
 ])

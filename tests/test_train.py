@@ -198,10 +198,10 @@ def test_resume_across_family_base_or_rank_is_refused_in_one_line(models, data, 
                                  {"weight_decay": -1.0}, {"learning_rate": float("inf")}, {"lr_warmup_steps": -5},
                                  {"validation_guidance": float("nan")}, {"validation_multiplier": float("inf")}])
 def test_non_finite_or_out_of_range_numbers_are_refused_before_anything_is_written(models, data, tmp_path, bad):
+    """The schema checks a TrainConfig built in Python as one read from a file: it cannot even be made."""
     from tlora.errors import UsageError
-    cfg = cfg_for(models["sd15"], data, tmp_path / "o", **bad)
     with pytest.raises(UsageError, match=next(iter(bad))):
-        train(cfg)
+        train(cfg_for(models["sd15"], data, tmp_path / "o", **bad))
     assert not (tmp_path / "o").exists()
 
 
@@ -332,12 +332,12 @@ def test_validation_computes_metrics_and_keeps_the_best(models, data, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,says", [
-    ("lora_rank", 0, "--lora_rank must be an int >= 1, got 0"),
-    ("min_rank", 0, "--min_rank must be an int >= 1, got 0"),
-    ("alpha_rank_scale", 0.0, "--alpha_rank_scale must be a number > 0, got 0.0"),
+    ("lora_rank", 0, "--lora_rank must be an integer >= 1 and <= 4096, got 0"),
+    ("min_rank", 0, "--min_rank must be an integer >= 1 and <= 4096, got 0"),
+    ("alpha_rank_scale", 0.0, "--alpha_rank_scale must be a finite number > 0 and <= 1000, got 0.0"),
     ("trainer_type", "", "--trainer_type must be one of"),
     ("sig_type", "", "--sig_type must be one of"),
-    ("num_train_epochs", 0, "--num_train_epochs must be > 0, got 0"),
+    ("num_train_epochs", 0, "--num_train_epochs must be an integer >= 1 and <= 10000000, got 0"),
 ])
 def test_official_flags_given_as_zero_or_empty_are_errors_not_defaults(flag, value, says):
     """'absent' and 'zero' differ: --lora_rank 0 is an error, never the default 64."""

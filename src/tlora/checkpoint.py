@@ -14,6 +14,7 @@ another run is never deleted or resumed, and :func:`differences` says what diffe
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -208,10 +209,67 @@ def _read_state_json(path: Path) -> dict:
         raise ValueError(f"{path.name} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ValueError(f"{path.name} is not valid JSON") from None
-    if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("optimizer"), dict)
+    if not (isinstance(info, dict) and isinstance(info.get("optimizer"), dict)
             and isinstance(info.get("lr_scheduler"), dict)):
         raise ValueError(f"{path.name} does not hold step, optimizer and lr_scheduler")
+    step = info.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path.name}: step must be an integer >= 0, got {step!r}")
+    m = CKPT_RE.match(path.parent.name)
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"{path.name}: step {step} is not the step of {path.parent.name}")
+    _check_optimizer_json(info["optimizer"], path.name)
+    _check_scheduler_json(info["lr_scheduler"], path.name)
     return info
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_optimizer_json(opt: dict, name: str) -> None:
+    """The optimizer's param groups as AdamW keeps them: finite numbers where numbers go, params as indices."""
+    groups = opt.get("param_groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups) or \
+            not isinstance(opt.get("scalars", {}), dict):
+        raise ValueError(f"{name}: optimizer.param_groups must be a list of objects")
+    for i, g in enumerate(groups):
+        for key in ("lr", "eps", "weight_decay"):
+            if key in g and not _number(g[key]):
+                raise ValueError(f"{name}: optimizer.param_groups[{i}].{key} must be a finite number, got {g[key]!r}")
+        if "betas" in g and not (isinstance(g["betas"], list) and len(g["betas"]) == 2 and all(map(_number, g["betas"]))):
+            raise ValueError(f"{name}: optimizer.param_groups[{i}].betas must be two numbers, got {g['betas']!r}")
+        params = g.get("params")
+        if not isinstance(params, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in params):
+            raise ValueError(f"{name}: optimizer.param_groups[{i}].params must be a list of indices")
+
+
+def _check_scheduler_json(sched: dict, name: str) -> None:
+    for key in ("last_epoch", "_step_count"):
+        v = sched.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+            raise ValueError(f"{name}: lr_scheduler.{key} must be an integer, got {v!r}")
+    for key in ("base_lrs", "_last_lr"):
+        v = sched.get(key, [])
+        if not isinstance(v, list) or not all(map(_number, v)):
+            raise ValueError(f"{name}: lr_scheduler.{key} must be a list of finite numbers, got {v!r}")
+
+
+def check_optimizer_tensors(tensors: Dict[str, torch.Tensor], params: list, name: str) -> None:
+    """The optimizer tensors of a checkpoint against the parameters they belong to: an index that exists,
+    AdamW's moments (``exp_avg``, ``exp_avg_sq``) of the parameter's shape, finite values."""
+    for key, t in tensors.items():
+        if not key.startswith("opt."):
+            continue
+        parts = key.split(".")
+        idx = int(parts[1]) if parts[1].isdigit() else -1
+        if not 0 <= idx < len(params):
+            raise ValueError(f"{name}: {key} belongs to no parameter of this run ({len(params)} parameters)")
+        if parts[-1] in ("exp_avg", "exp_avg_sq") and len(parts) == 3 and tuple(t.shape) != tuple(params[idx].shape):
+            raise ValueError(f"{name}: {key} has shape {list(t.shape)}, its parameter {list(params[idx].shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {key} holds non-finite values")
 
 
 def _optimizer_to_files(opt_state: dict) -> tuple[Dict[str, torch.Tensor], dict]:
@@ -304,6 +362,10 @@ def load_checkpoint(path: Path, network, optimizer, lr_scheduler, generator: tor
     network.load_state_dict(tensors)
     state = load_file(str(path / "state.safetensors"))
     info = _read_state_json(path / "state.json")
+    check_optimizer_tensors(state, network.trainable_parameters(), "state.safetensors")
+    for key in ("rng.generator", "rng.torch"):
+        if key not in state or state[key].dtype != torch.uint8:
+            raise ValueError(f"state.safetensors: {key} is missing or not a random generator state")
     optimizer.load_state_dict(_optimizer_from_files(state, info["optimizer"]))
     lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **info["lr_scheduler"]})
     generator.set_state(state["rng.generator"])

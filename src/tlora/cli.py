@@ -27,8 +27,10 @@ from .formats import read_state, summary, write_state
 from .processors import use_pil_image_processors
 from .quantize import import_backends
 from .schedule import RankSchedule
-from .settings import add_flag
-from .trainconfig import OFFICIAL_FLAGS, load_config
+from .config import TLoRAConfig
+from .settings import add_flag, build
+from .generate import GenerateSettings
+from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
 from .weights import WeightsFileError, network_from_state
 
 
@@ -42,20 +44,12 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placeholder", default="sks", help="identifier token for --prompt-set")
     p.add_argument("--class", dest="class_name", default="", help="class word for --prompt-set")
     p.add_argument("--negative-prompt")
-    p.add_argument("--num-images", type=int, help="images per prompt (seeds seed..seed+N-1; default 1)")
-    p.add_argument("--steps", type=int, help="denoising steps (default 25, as the official inference)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default per family: SD1.5 7.5, SDXL 5.0, SD3 7.0, Flux 3.5, Flux.2 4.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--multiplier", type=float, default=1.0, help="adapter strength")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}",
-                   help="load the denoiser quantized (int8: quanto by default; nf4: bitsandbytes, GPU only)")
-    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}",
-                   help="backend of --base-precision (default: quanto for int8, bitsandbytes for nf4)")
+    for flag, name in (("--num-images", "num_images"), ("--steps", "steps"), ("--guidance", "guidance"),
+                       ("--seed", "seed"), ("--multiplier", "multiplier"), ("--height", "height"),
+                       ("--width", "width"), ("--dtype", "dtype"), ("--device", "device"),
+                       ("--base-precision", "base_precision"), ("--quantization-backend", "quantization_backend")):
+        # None: not given (the official form refuses our flags); the schema's default applies in GenerateSettings
+        add_flag(p, flag, GenerateSettings, name, default=None, dest=name)
     p.add_argument("--no-mask", action="store_true", help="adapters at full rank at every step (for comparison)")
     p.add_argument("--out", help="output folder: PNGs, grid.png, generate.json")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier generate output in --out")
@@ -74,7 +68,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 OFFICIAL_INFERENCE_FLAGS = (("num_images_per_prompt", int, 5), ("batch_size", int, 1), ("num_inference_steps", int, 25),
                             ("guidance_scale", float, 5.0), ("version", int, 0))
 _OURS_ONLY = ("model", "weights", "out", "prompt", "prompts_file", "prompt_set", "negative_prompt", "num_images",
-              "steps", "guidance", "height", "width", "no_mask", "quantization_backend", "overwrite")
+              "steps", "guidance", "height", "width", "no_mask", "quantization_backend", "overwrite", "base_precision",
+              "multiplier")
+GENERATE_FLAGS = ("num_images", "steps", "guidance", "seed", "multiplier", "height", "width", "dtype", "device",
+                  "base_precision", "quantization_backend")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -92,17 +89,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"the following arguments are required: --{', --'.join(missing)} (or --config_path for an "
                          "official run)")
-    from .generate import GenerateSettings, read_prompts_file, run_generate   # diffusers: loaded when it runs
+    from .generate import read_prompts_file, run_generate   # diffusers: loaded when it runs
     prompts = list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])
     if a.prompt_set:
         prompts += prompt_set(a.prompt_set, a.placeholder, a.class_name)
+    given = {k: getattr(a, k) for k in GENERATE_FLAGS if getattr(a, k) is not None}
     s = GenerateSettings(model=a.model, weights=a.weights, prompts=prompts, out=a.out,
-                         negative_prompt=a.negative_prompt, num_images=1 if a.num_images is None else a.num_images,
-                         steps=25 if a.steps is None else a.steps,
-                         guidance=a.guidance, seed=a.seed, multiplier=a.multiplier, height=a.height,
-                         width=a.width, dtype=a.dtype, device=a.device, mask=not a.no_mask,
-                         base_precision=a.base_precision, quantization_backend=a.quantization_backend,
-                         overwrite=a.overwrite)
+                         negative_prompt=a.negative_prompt, mask=not a.no_mask, overwrite=a.overwrite, **given)
     out = run_generate(s)
     print(f"wrote {out}/grid.png and {out}/generate.json")
     return 0
@@ -115,8 +108,8 @@ def _official_generate(a: argparse.Namespace) -> int:
         raise UsageError("--prompts is required with --config_path (prompts separated by #, {0} = placeholder class)")
     flags = {f: getattr(a, f) for f, _, _ in OFFICIAL_INFERENCE_FLAGS if getattr(a, f) is not None}
     s = InferenceSettings(config_path=a.config_path, prompts=a.prompts, checkpoint_idx=a.checkpoint_idx,
-                          replace_inference_output=a.replace_inference_output, seed=a.seed, device=a.device,
-                          dtype=DTYPES[a.dtype], **flags)
+                          replace_inference_output=a.replace_inference_output, seed=a.seed or 0,
+                          device=a.device or "cpu", dtype=DTYPES[a.dtype or "fp32"], **flags)
     print(f"wrote {run_inference(s)}")
     return 0
 
@@ -127,10 +120,6 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         raise UsageError(f"input file not found: {a.input}")
     if a.at_timestep is not None and not (0 <= a.at_timestep <= 1000):
         raise UsageError(f"--at-timestep must be in [0, T], got {a.at_timestep}")
-    if a.min_rank is not None and a.min_rank < 1:
-        raise UsageError(f"--min-rank must be >= 1, got {a.min_rank}")
-    if a.exponent is not None and not (math.isfinite(a.exponent) and a.exponent > 0):
-        raise UsageError(f"--exponent must be a finite number > 0, got {a.exponent}")
     check_output(a.output, "output", folder=False, inputs=(a.input, a.hparams, a.model))
     model = load_denoiser(a.model) if a.model else None
     try:
@@ -268,11 +257,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a denoiser config.json, a diffusers model folder or hub id (only "
                    "its config is read), or a shipped config: flux1-dev, sd3-medium, sdxl-base")
-    p.add_argument("--rank", type=int, default=16, help="adapter rank R (default 16)")
-    p.add_argument("--min-rank", type=int, help="T-LoRA's Rmin (no effect on memory; default rank / 2)")
+    add_flag(p, "--rank", TLoRAConfig, "rank", default=16)
+    add_flag(p, "--min-rank", TLoRAConfig, "min_rank", default=None, help_extra="; no effect on memory; here "
+             "rank / 2 when not given")
     p.add_argument("--variant", choices=["ortho", "vanilla"], default="ortho", help="adapter form (default ortho)")
-    p.add_argument("--resolution", type=int, help="square training resolution (default: the family's native)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    add_flag(p, "--resolution", TrainConfig, "resolution", help_extra="; here: the family's native")
+    add_flag(p, "--batch", TrainConfig, "batch_size")
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                    help="estimate without gradient checkpointing (default: on)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16",
@@ -285,13 +275,9 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_memory(a: argparse.Namespace) -> int:
-    from .config import TLoRAConfig
-    if a.rank <= 0 or a.batch <= 0:
-        raise UsageError(f"--rank and --batch must be > 0, got {a.rank} and {a.batch}")
-    try:
-        tl = TLoRAConfig(rank=a.rank, min_rank=a.min_rank or max(a.rank // 2, 1), variant=a.variant, target_module=())
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    min_rank = max(a.rank // 2, 1) if a.min_rank is None else a.min_rank
+    tl = build(TLoRAConfig, dict(rank=a.rank, min_rank=min_rank, variant=a.variant, target_module=()), None,
+               {"rank": "--rank", "min_rank": "--min-rank"})
     return _print_estimate(a.model, tl, a.resolution, a.batch, a.checkpointing, a.mixed_precision, a.base_precision,
                            a.quantization_backend, a.optimizer)
 
@@ -301,8 +287,8 @@ def _print_estimate(model, tl, resolution, batch, checkpointing, mixed_precision
     from . import memory   # diffusers: loaded when it runs
     from .quantize import BasePrecision
     base = BasePrecision(base_precision, backend).resolved()
-    if resolution is not None and (resolution <= 0 or resolution % 16):
-        raise UsageError(f"resolution must be a positive multiple of 16, got {resolution}")
+    if resolution is not None and resolution % 16:
+        raise UsageError(f"resolution must be a multiple of 16 for a memory estimate, got {resolution}")
     e = memory.estimate(memory.read_denoiser_config(model), tl, resolution, batch, checkpointing, mixed_precision,
                         base, optimizer)
     label = (f"{model} ({e.family}), rank {tl.rank} {tl.variant}, {e.resolution}², batch {batch}, "
@@ -352,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["tlora", "lycoris", "official", "diffusers", "kohya"],
                    help="official: pytorch_lora_weights.safetensors of the official repository (UNet attention)")
     c.add_argument("--model", help="base pipeline (folder or hub id); needed to read LyCORIS files")
-    c.add_argument("--min-rank", type=int, help="schedule min rank, when the input file does not store it")
-    c.add_argument("--exponent", type=float, help="schedule exponent (tlora_alpha / alpha_rank_scale), when not stored")
+    add_flag(c, "--min-rank", TLoRAConfig, "min_rank", default=None, help_extra="; for files that do not store it")
+    add_flag(c, "--exponent", TLoRAConfig, "exponent", default=None, help_extra="; for files that do not store it "
+             "(tlora_alpha / alpha_rank_scale)")
     c.add_argument("--hparams", help="the official run's logs/hparams.yml (lora_rank, min_rank, alpha_rank_scale)")
     c.add_argument("--at-timestep", type=float, help="plain LoRA exports: the adapter truncated to r(t)")
     c.set_defaults(func=_cmd_convert)

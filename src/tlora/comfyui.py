@@ -39,10 +39,12 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.utils
 
-from .fileio import read_mapping
+from . import settings as S
+from .config import TLoRAConfig
+from .fileio import first_line, read_mapping
 from .formats import detect_format, native_state
 from .masking import timestep_mask
-from .network import TLoRANetwork
+from .network import TLoRANetwork, check_multiplier
 from .schedule import RankSchedule
 from .weights import WeightsFileError, network_from_state, read
 
@@ -196,11 +198,11 @@ def read_state(path, model: comfy.model_base.BaseModel, targets: Dict[str, Targe
     does not carry its schedule (LyCORIS without ``lycoris_config``, official without ``hparams.yml``); a file
     that carries one refuses them."""
     path = Path(path)
-    tensors, meta = read(path)
     try:
+        tensors, meta = read(path)
         fmt = detect_format(tensors.keys(), meta)
     except ValueError as e:
-        raise TLoRAComfyError(f"{path.name}: {e}") from None
+        raise TLoRAComfyError(f"{path.name}: {first_line(e)}") from None
     family = family_of(model)
     skel, hp = None, None
     if fmt == "tlora":
@@ -225,7 +227,10 @@ def read_state(path, model: comfy.model_base.BaseModel, targets: Dict[str, Targe
     else:
         raise TLoRAComfyError(f"{path.name} is a plain {fmt} LoRA with no timestep schedule: load it with ComfyUI's "
                               "LoraLoader")
-    return native_state(path, tensors, meta, skel, min_rank, exponent, hp)
+    try:                  # the CLI's readers: structure checked before math, the same one line
+        return native_state(path, tensors, meta, skel, min_rank, exponent, hp)
+    except ValueError as e:
+        raise TLoRAComfyError(f"{path.name}: {first_line(e)}") from None
 
 
 # -- sigma → training-scale timestep ---------------------------------------------------------------------------
@@ -325,8 +330,13 @@ def attached(patcher) -> List[ComfyTLoRA]:
 def build(model: comfy.model_base.BaseModel, path, strength: float = 1.0, mask: bool = True,
           min_rank: Optional[int] = None, exponent: Optional[float] = None) -> ComfyTLoRA:
     """Read a T-LoRA file for this ComfyUI model and build its adapters (nothing is attached yet)."""
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength)):
-        raise TLoRAComfyError(f"strength must be a finite number, got {strength!r}")
+    try:                  # the node's inputs against the settings schema (min_rank, exponent: TLoRAConfig's)
+        strength = check_multiplier(strength)
+        for name, value in (("min_rank", min_rank), ("exponent", exponent)):
+            if value is not None:
+                S.check_value(TLoRAConfig, name, value)
+    except ValueError as e:
+        raise TLoRAComfyError(first_line(e)) from None
     family = family_of(model)
     targets = module_map(model)
     tensors, header = read_state(path, model, targets, min_rank, exponent)

@@ -29,7 +29,7 @@ Names = Tuple[str, ...]
 @dataclass
 class TLoRAConfig:
     rank: Annotated[int, setting("adapter rank R (the most ranks active, at t = 0)", ge=1, le=MAX_RANK,
-                                 lycoris="linear_dim", official="lora_rank", comfyui="rank")] = 64
+                                 lycoris="linear_dim", official="lora_rank")] = 64
     alpha: Annotated[Optional[float], setting("LoRA alpha: scale = alpha / rank; null or 0: scale 1",
                                               lycoris="linear_alpha")] = None
     min_rank: Annotated[int, setting("Rmin: ranks active at the noisiest step (<= rank)", ge=1, le=MAX_RANK,

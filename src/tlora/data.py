@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -50,11 +51,25 @@ def check_images(paths: List[Path]) -> None:
             raise UsageError(f"cannot read image {p}: {first_line(e)}") from None
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any image Pillow opens. 16- and 32-bit integer images (a 16-bit grayscale PNG opens as
+    ``I;16`` or ``I``) are scaled down, not clipped: Pillow's own convert would turn every value above 255 white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray((a / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        top = 1.0 if a.max() <= 1.0 else 255.0
+        im = Image.fromarray((a / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Centre crop to a square, resize to ``resolution``; (3, res, res) float32 in [-1, 1]."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:
         raise UsageError(f"cannot read image {path}: {first_line(e)}") from None
     w, h = im.size

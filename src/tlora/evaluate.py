@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import UsageError
 from .devices import check_device
+from .data import to_rgb
 from .fileio import IMAGE_EXTS, check_output, first_line, looks_like_hub_id, read_mapping, write_json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -167,7 +168,7 @@ def _open_images(paths: List[Path], what: str, same_size: bool):
     for p in paths:
         try:
             with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im))
         except Exception:
             raise UsageError(f"cannot read {what} image {p}") from None
     if same_size and len({im.size for im in images}) > 1:

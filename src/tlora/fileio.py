@@ -130,7 +130,19 @@ def check_output(path: os.PathLike, what: str, folder: bool, inputs: Iterable = 
       not on disk, such as hub ids, are skipped), or would replace a file inside an input folder;
     * is a folder holding an input file under one of the names the command ``writes`` there.
     """
-    p = Path(path)
+    try:
+        return _check_output(Path(path), what, folder, inputs, set(writes))
+    except OSError as e:          # a name too long, a component that is not a folder, ...: the path is the problem
+        raise UsageError(f"{what} {show(path)} cannot be used: {e.strerror or e}") from None
+
+
+def _check_output(p: Path, what: str, folder: bool, inputs: Iterable, writes: set) -> Path:
+    path = p
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {show(path)} is not a valid UTF-8 name (logs and JSON files need one); rename "
+                         "it") from None
     for q in (p, *p.parents):
         if os.path.lexists(q) and not q.exists():
             raise UsageError(f"{what} {show(path)}: {show(q)} is a symlink to nothing (or a symlink loop); remove it "
@@ -144,10 +156,17 @@ def check_output(path: os.PathLike, what: str, folder: bool, inputs: Iterable = 
     if not parent.is_dir():
         raise UsageError(f"{what} {show(path)} cannot be created: {show(parent)} is a file")
     try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    long = next((part for part in p.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:      # caught here, not when the first file is written after the model loaded
+        raise UsageError(f"{what} {show(path)} cannot be created: a name in it is over {name_max} bytes")
+    try:
         Path(tempfile.mkdtemp(prefix=".tlora-probe.", dir=parent)).rmdir()
     except OSError as e:
         raise UsageError(f"{what} {show(path)} is not writable: {e.strerror} in {show(parent)}") from None
-    _check_not_an_input(p, what, folder, inputs, set(writes))
+    _check_not_an_input(p, what, folder, inputs, writes)
     return p
 
 

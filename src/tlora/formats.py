@@ -468,13 +468,14 @@ def summary(path) -> dict:
                   "metadata": {k: (v if len(v) < 200 else v[:200] + "…") for k, v in meta.items() if k != "tlora"}}
     if fmt == "tlora":
         h = parse_header(meta, path)
+        check_state(tensors, h, path)
         mods = h["modules"]
         info.update(variant=h["variant"], family=h.get("family"), base_model=h.get("base_model"),
                      num_train_timesteps=h["num_train_timesteps"], modules=len(mods),
                      schedules=sorted({(s["rank"], s["min_rank"], s["exponent"]) for s in mods.values()}))
         return info
     if fmt == "lycoris":
-        lyc = json.loads(meta.get("lycoris_config", "{}"))
+        lyc = _lycoris_metadata(meta)
         names = {k.split(".")[0] for k in tensors}
         ranks = sorted({tensors[f"{n}.q_layer.weight"].shape[0] for n in names if f"{n}.q_layer.weight" in tensors})
         mr, ex = lyc.get("tlora_min_rank"), lyc.get("tlora_alpha")

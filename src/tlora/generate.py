@@ -11,12 +11,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Literal, Optional
 
-import diffusers
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-from packaging.version import Version
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -25,7 +22,9 @@ from .families import DENOISER_ATTRS, denoiser_of, detect
 from .devices import check_device
 from .fileio import check_output, first_line, looks_like_hub_id, read_text, show, write_files
 from .masking import attach
-from .quantize import BasePrecision
+from .quantize import BACKENDS, BasePrecision
+from .quantize import PRECISIONS as BASE_PRECISIONS
+from .settings import MAX_BATCH, MAX_RESOLUTION, MAX_SEED, check, setting
 from .weights import WeightsFileError, read_header
 
 IMAGE_NAME = re.compile(r"^\d{4}-seed\d+\.png$")   # what generate names its images
@@ -34,46 +33,40 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class GenerateSettings:
+    """What ``tlora generate`` samples; each setting's type, range, default and help declared once
+    (:mod:`tlora.settings`), the command-line flags derived from them."""
     model: str
     weights: Optional[str]
     prompts: List[str]
     out: str
     negative_prompt: Optional[str] = None
-    num_images: int = 1
-    steps: int = 25                      # official inference: 25 steps
-    guidance: Optional[float] = None     # None → the family's default (SDXL 5.0, Flux 3.5, ...)
-    seed: int = 0
-    multiplier: float = 1.0
-    height: Optional[int] = None
-    width: Optional[int] = None
-    dtype: str = "fp32"
-    device: str = "cpu"
+    num_images: Annotated[int, setting("images per prompt (seeds seed..seed+N-1)", ge=1, le=MAX_BATCH)] = 1
+    steps: Annotated[int, setting("denoising steps (25, as the official inference)", ge=1, le=10000)] = 25
+    guidance: Annotated[Optional[float], setting("guidance scale; null: the family's (SD1.5 7.5, SDXL 5.0, SD3 7.0, "
+                                                 "Flux 3.5, Flux.2 4.0)", ge=0, le=1000)] = None
+    seed: Annotated[int, setting("seed of the first image", ge=0, le=MAX_SEED)] = 0
+    multiplier: Annotated[float, setting("adapter strength", ge=-1000, le=1000)] = 1.0
+    height: Annotated[Optional[int], setting("image height in pixels; null: the pipeline's", ge=8,
+                                             le=MAX_RESOLUTION, multiple_of=8)] = None
+    width: Annotated[Optional[int], setting("image width in pixels; null: the pipeline's", ge=8,
+                                            le=MAX_RESOLUTION, multiple_of=8)] = None
+    dtype: Annotated[Literal[tuple(DTYPES)], setting("weights' dtype while sampling")] = "fp32"
+    device: Annotated[str, setting("cpu, cuda, cuda:N, mps", min_length=1)] = "cpu"
     mask: bool = True
     seeds: List[int] = field(default_factory=list)
-    base_precision: str = "no"                   # the denoiser quantized: no | int8 | nf4 (tlora.quantize)
-    quantization_backend: Optional[str] = None
+    base_precision: Annotated[Literal[BASE_PRECISIONS], setting("denoiser loaded quantized: no | int8 | nf4")] = "no"
+    quantization_backend: Annotated[Optional[Literal[BACKENDS]], setting(
+        "backend of base_precision; null: quanto for int8, bitsandbytes for nf4")] = None
     overwrite: bool = False                      # replace an earlier generate output in ``out``
 
+    def __post_init__(self):
+        check(self)
+
     def validate(self) -> None:
-        if not self.prompts or not all(p.strip() for p in self.prompts):
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise UsageError("no prompt given: pass --prompt TEXT or a non-empty --prompts-file")
-        for name in ("num_images", "steps"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (v <= 0 or v % 8):
-                raise UsageError(f"--{name} must be a positive multiple of 8, got {v}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.weights is not None and not Path(self.weights).is_file():
-            raise UsageError(f"weights file not found: {self.weights}")
-        if self.guidance is not None and not math.isfinite(self.guidance):
-            raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
-        if not math.isfinite(self.multiplier):
-            raise UsageError(f"--multiplier must be a finite number, got {self.multiplier}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+            raise UsageError(f"weights file not found: {show(self.weights)}")
         check_device(self.device)
         BasePrecision(self.base_precision, self.quantization_backend).check_runtime()
         out = check_output(self.out, "--out", folder=True, inputs=(self.model, self.weights),
@@ -103,6 +96,9 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise UsageError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    import diffusers      # here, not at the top: the command line's --help and argument checks stay fast
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+    from packaging.version import Version
     # diffusers 0.36 renamed torch_dtype to dtype
     dkw = {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
     if base.quantized or (denoiser_dtype is not None and denoiser_dtype != dtype):
@@ -127,6 +123,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
 
 def _denoiser_attr(model: str) -> str:
     """``unet`` or ``transformer``: where the pipeline's model_index.json keeps its denoiser."""
+    from diffusers import DiffusionPipeline
     try:
         index = DiffusionPipeline.load_config(model)
     except Exception as e:
@@ -141,6 +138,8 @@ def load_denoiser(model: str):
     """Only the UNet / transformer of a pipeline (local folder or hub id), by its model_index.json."""
     if not Path(model).exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
+    import diffusers
+    from diffusers import DiffusionPipeline
     try:
         index = DiffusionPipeline.load_config(model)
         for attr in DENOISER_ATTRS:

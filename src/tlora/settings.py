@@ -89,6 +89,8 @@ class Spec:
     def check(self, value: Any) -> Any:
         """``value`` validated (a list for a tuple field becomes a tuple, an int for a float a float), or
         SettingError naming this field."""
+        if isinstance(value, str) and not _utf8(value):      # a non-UTF-8 path from the command line
+            raise SettingError(self.name, "valid UTF-8 text (rename it)", value)
         try:
             return self.adapter.validate_python(value)
         except ValidationError:
@@ -101,6 +103,14 @@ class Spec:
         except json.JSONDecodeError:
             value = text
         return self.check(value)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @lru_cache(maxsize=None)
@@ -265,6 +275,7 @@ def add_flag(parser, flag: str, cls, field: str, help_extra: str = "", help_hidd
     convert.__name__ = field
     import argparse
     default = kw.pop("default", spec.default)
-    shown = "" if default is None else f" (default {json.dumps(default)})"
+    shown_default = spec.default if default is None else default     # what applies when the flag is not given
+    shown = "" if shown_default is None else f" (default {json.dumps(shown_default)})"
     text = argparse.SUPPRESS if help_hidden else spec.help + shown + help_extra
     parser.add_argument(flag, type=convert, default=default, help=text, **kw)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import official, weights
-from .data import batch_indices, check_images, find_images, load_examples
+from .data import batch_indices, check_images, find_images, load_examples, to_rgb
 from .errors import Interrupted, UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
 from .fileio import check_output, first_line, save_png, show, write_json
@@ -478,7 +478,7 @@ class Outputs:
         """IS / DINO-IS / TS of the validation images against the training images; keep the best weights."""
         from .evaluate import scores   # with the Embedder: only runs that evaluate need it
         run, cfg, out = self.run, self.run.cfg, self.run.out
-        refs = [Image.open(e.path).convert("RGB") for e in run.examples]
+        refs = [to_rgb(Image.open(e.path)) for e in run.examples]
         rep = scores(run.embedder, [im for _, _, im in imgs], [p for p, _, _ in imgs], refs, cfg.placeholder)["overall"]
         for k in ("IS", "DINO_IS", "TS"):
             if rep[k] is not None:

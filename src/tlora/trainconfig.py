@@ -257,7 +257,7 @@ def _check_simpletuner_types(d: dict) -> None:
                          "resolution (resolution_type 'area' is not supported)")
 
 
-def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
+def from_simpletuner(raw: dict, base_dir: Path, name: str = "the SimpleTuner config") -> TrainConfig:
     """A SimpleTuner config.json; as in SimpleTuner, a key set to null is a key not set."""
     d = {k.lstrip("-"): v for k, v in raw.items() if v is not None}
     _check_simpletuner_types(d)
@@ -269,7 +269,7 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     if "lycoris_config" not in d:
         raise UsageError("SimpleTuner config has no 'lycoris_config': point it at a LyCORIS JSON with algo 'tlora'")
     lyc_path = _resolve(d["lycoris_config"], base_dir)
-    tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError), f"'{lyc_path.name}'")
+    tl = TLoRAConfig.from_lycoris(read_mapping(str(lyc_path), "lycoris_config", UsageError), lyc_path.name)
     out: dict = {"tlora": tl}
     for k, v in d.items():
         if k in SIMPLETUNER_KEYS:
@@ -298,7 +298,7 @@ def from_simpletuner(raw: dict, base_dir: Path) -> TrainConfig:
     for k in ("data_dir", "model"):
         if k in out and isinstance(out[k], str) and not Path(out[k]).is_absolute() and (base_dir / out[k]).exists():
             out[k] = str(base_dir / out[k])
-    return S.build(TrainConfig, out, "the SimpleTuner config", {f: k for k, f in SIMPLETUNER_KEYS.items()})
+    return S.build(TrainConfig, out, name, {f: k for k, f in SIMPLETUNER_KEYS.items()})
 
 
 def _has_checkpoints(output_dir) -> bool:
@@ -360,11 +360,12 @@ def load_config(path: Optional[str], sets: List[str], official: Optional[dict] =
     """A TrainConfig from our JSON, a SimpleTuner config.json, or official flags, then --set overrides."""
     if official:
         cfg = from_official(official)
-        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg
+        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets), "--set") if sets else cfg
     if not path:
         raise UsageError("give --config FILE (tlora or SimpleTuner JSON) or the official flags")
     raw = read_mapping(path, "config file", UsageError)
+    name = Path(path).name
     if is_simpletuner(raw):
-        cfg = from_simpletuner(raw, Path(path).parent)
-        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets)) if sets else cfg
-    return TrainConfig.from_dict(apply_overrides(raw, sets))
+        cfg = from_simpletuner(raw, Path(path).parent, name)
+        return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets), f"{name} with --set") if sets else cfg
+    return TrainConfig.from_dict(apply_overrides(raw, sets), name + (" with --set" if sets else ""))
