@@ -28,7 +28,7 @@ from .processors import use_pil_image_processors
 from .quantize import import_backends
 from .schedule import RankSchedule
 from .config import TLoRAConfig
-from .settings import add_flag, build
+from .settings import add_flag, build, settings_table
 from .generate import GenerateSettings
 from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
 from .weights import WeightsFileError, network_from_state
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "config on the meta device; nothing is downloaded but the config, nothing allocated.")
     _memory_args(m)
     m.set_defaults(func=_cmd_memory)
+    st = sub.add_parser("settings", help="every training setting: type, range, default, SimpleTuner / LyCORIS / "
+                        "official names (markdown)")
+    st.set_defaults(func=lambda a: print(settings_table()))
     d = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
     _demo_args(d)
     d.set_defaults(func=_cmd_demo)

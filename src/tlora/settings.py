@@ -18,6 +18,7 @@ no null unless the field may be null, NaN and infinities refused, a string never
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -247,18 +248,24 @@ def parse(cls, data: Any, source: str, names: Optional[Dict[str, str]] = None, e
     return build(cls, kwargs, source, {field: key for key, field in names.items()})
 
 
-def markdown(cls, title_source: Tuple[str, ...] = SOURCES) -> List[str]:
-    """The settings of ``cls`` as markdown table rows: key, what it must be, default, help, foreign names."""
-    head = "| key | value | default | what it sets | " + " | ".join(title_source) + " |"
-    rows = [head, "|" + "---|" * (4 + len(title_source))]
+def markdown(cls, prefix: str = "", sources: Tuple[str, ...] = ("simpletuner", "lycoris", "official")) -> List[str]:
+    """The settings of ``cls`` as markdown table rows (header first): key, what it must be, default, what it
+    sets, and its key in each of ``sources``."""
+    def row(cells):
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+    rows = [row(["key", "value", "default", "what it sets", *sources]), "|" + "---|" * (4 + len(sources))]
     for s in specs(cls).values():
-        default = s.default
-        if dataclasses.is_dataclass(default):
-            continue
-        d = json.dumps(list(default) if isinstance(default, tuple) else default)
-        foreign = [f"`{s.names[k]}`" if k in s.names else "" for k in title_source]
-        rows.append(f"| `{s.name}` | {describe(s)} | `{d}` | {s.help} | " + " | ".join(foreign) + " |")
+        default = list(s.default) if isinstance(s.default, tuple) else s.default
+        foreign = [f"`{'--' if k == 'official' else ''}{s.names[k]}`" if k in s.names else "" for k in sources]
+        rows.append(row([f"`{prefix}{s.name}`", describe(s), f"`{json.dumps(default)}`", s.help, *foreign]))
     return rows
+
+
+def settings_table() -> str:
+    """Every training setting (TrainConfig, then its ``tlora`` section): the README's table, ``tlora settings``."""
+    from .config import TLoRAConfig
+    from .trainconfig import TrainConfig
+    return "\n".join(markdown(TrainConfig) + markdown(TLoRAConfig, prefix="tlora.")[2:])
 
 
 def add_flag(parser, flag: str, cls, field: str, help_extra: str = "", help_hidden: bool = False, **kw) -> None:
@@ -270,10 +277,8 @@ def add_flag(parser, flag: str, cls, field: str, help_extra: str = "", help_hidd
         try:
             return spec.parse_text(text)
         except SettingError as e:
-            import argparse
             raise argparse.ArgumentTypeError(f"must be {e.requirement}, got {text!r}") from None
     convert.__name__ = field
-    import argparse
     default = kw.pop("default", spec.default)
     shown_default = spec.default if default is None else default     # what applies when the flag is not given
     shown = "" if shown_default is None else f" (default {json.dumps(shown_default)})"

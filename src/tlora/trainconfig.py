@@ -333,7 +333,7 @@ def from_official(a: dict) -> TrainConfig:
     """The official ``train.py`` flags (``trainer_class`` sdxl_tlora|sdxl_lora, '#'-separated prompts); each
     value is checked against the schema of the field it sets, and an error names the flag."""
     a = {**OFFICIAL_DEFAULTS, **{k: v for k, v in a.items() if v is not None}}
-    spelled = {f: "--" + k for k, f in OFFICIAL_TRAIN.items()}
+    spelled = {f: "--" + k for k, f in OFFICIAL_TRAIN.items()} | {"validation_steps": "--checkpointing_steps"}
     if a["trainer_class"] not in ("sdxl_tlora", "sdxl_lora"):
         raise SettingError("trainer_class", "'sdxl_tlora' or 'sdxl_lora'", a["trainer_class"], spelled="--trainer_class")
     # sdxl_lora is the official plain-LoRA baseline: all ranks at every step (min_rank = rank)
