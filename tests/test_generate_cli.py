@@ -47,15 +47,15 @@ def test_generate_writes_pngs_grid_and_json(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--num-images", "0"], "--num-images must be > 0"),
-    (["--steps", "-1"], "--steps must be > 0"),
-    (["--height", "30"], "multiple of 8"),
+    (["--num-images", "0"], "argument --num-images: must be an integer >= 1"),
+    (["--steps", "-1"], "argument --steps: must be an integer >= 1"),
+    (["--height", "30"], "a multiple of 8"),
     (["--weights", "/nope.safetensors"], "weights file not found"),
     (["--model", "/no/such/model"], "model not found"),
     (["--prompts-file", "EMPTY"], "prompts file is empty"),
-    (["--multiplier", "nan"], "--multiplier must be a finite number"),
-    (["--multiplier", "inf"], "--multiplier must be a finite number"),
-    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--multiplier", "nan"], "argument --multiplier: must be a finite number"),
+    (["--multiplier", "inf"], "argument --multiplier: must be a finite number"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, extra, match):
     empty = tmp_path / "empty.txt"

@@ -478,7 +478,7 @@ CASES = {
                                {"config.json": {"_class_name": "AutoencoderKL"}}, "AutoencoderKL"),
     "memory batch 0": (["memory", "--model", "{model}", "--batch", "0"], {}, "--batch"),
     "memory backend bogus": (["memory", "--model", "{model}", "--base-precision", "int8",
-                              "--quantization-backend", "gguf"], {}, "quantization_backend"),
+                              "--quantization-backend", "gguf"], {}, "--quantization-backend"),
     # -- demo ----------------------------------------------------------------------------------------------------
     "demo steps 0": (["demo", "--steps", "0", "--out", "{out}"], {}, "--steps"),
     "demo rank -1": (["demo", "--rank", "-1", "--out", "{out}"], {}, "--rank"),

@@ -79,12 +79,12 @@ def test_train_dry_run_estimates_and_writes_nothing(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--model", "sdxl-base", "--base-precision", "int4"], "base_precision must be one of no, int8, nf4"),
+    (["--model", "sdxl-base", "--base-precision", "int4"], "argument --base-precision: must be one of 'no', 'int8', 'nf4'"),
     (["--model", "sdxl-base", "--base-precision", "nf4", "--quantization-backend", "quanto"],
      "nf4 is not available in quanto"),
     (["--model", "/nonexistent/model"], "model config not found"),
     (["--model", "sdxl-base", "--resolution", "1000"], "multiple of 16"),
-    (["--model", "sdxl-base", "--rank", "0"], "must be > 0"),
+    (["--model", "sdxl-base", "--rank", "0"], "argument --rank: must be an integer >= 1"),
 ])
 def test_bad_memory_input_is_one_line_exit_2(capsys, argv, match):
     assert main(["memory", *argv]) == 2

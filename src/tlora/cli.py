@@ -260,18 +260,15 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--rank", TLoRAConfig, "rank", default=16)
     add_flag(p, "--min-rank", TLoRAConfig, "min_rank", default=None, help_extra="; no effect on memory; here "
              "rank / 2 when not given")
-    p.add_argument("--variant", choices=["ortho", "vanilla"], default="ortho", help="adapter form (default ortho)")
+    add_flag(p, "--variant", TLoRAConfig, "variant")
     add_flag(p, "--resolution", TrainConfig, "resolution", help_extra="; here: the family's native")
     add_flag(p, "--batch", TrainConfig, "batch_size")
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                    help="estimate without gradient checkpointing (default: on)")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16",
-                   help="dtype of the frozen weights and activations (default bf16)")
-    p.add_argument("--base-precision", default="no", metavar="{no,int8,nf4}",
-                   help="frozen denoiser stored quantized (default no: the --mixed-precision dtype)")
-    p.add_argument("--quantization-backend", metavar="{quanto,torchao,bitsandbytes}",
-                   help="backend of --base-precision (default: quanto for int8, bitsandbytes for nf4)")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw", help="default adamw")
+    add_flag(p, "--mixed-precision", TrainConfig, "mixed_precision", default="bf16")
+    for flag, name in (("--base-precision", "base_precision"), ("--quantization-backend", "quantization_backend"),
+                       ("--optimizer", "optimizer")):
+        add_flag(p, flag, TrainConfig, name)
 
 
 def _cmd_memory(a: argparse.Namespace) -> int:
@@ -404,7 +401,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help (0) or a bad argument (2, its one line already printed): a code
+        return e.code if isinstance(e.code, int) else 0
     import_backends()            # after parsing (a bad argument or --help never waits for them), before anything
     use_pil_image_processors()   # imports diffusers or transformers: their quantization backends' import notices
     import diffusers

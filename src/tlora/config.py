@@ -152,7 +152,7 @@ class TLoRAConfig:
         return S.build(cls, dict(rank=lora_rank, alpha=None, min_rank=min_rank, exponent=alpha_rank_scale,
                                  variant=variants[trainer_type], init="random", sig_type=sig_type,
                                  target_module=("Attention",), target_name=(), exclude_name=()),
-                       "the official flags", {f: "--" + k for k, f in S.foreign_names(cls, "official").items()})
+                       None, {f: "--" + k for k, f in S.foreign_names(cls, "official").items()})
 
 
 # -- LyCORIS --------------------------------------------------------------------------------------------------
