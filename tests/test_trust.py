@@ -292,3 +292,134 @@ def test_the_hostile_table_does_not_need_lycoris():
             "import test_hostile_inputs, test_official, test_trust; print(len(test_hostile_inputs.CASES))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and int(r.stdout.split()[-1]) >= 100, r.stderr[-2000:]
+
+
+# -- a failed library call leaves the model as it was -----------------------------------------------------------
+def _state(model):
+    """Every tensor of ``model`` (bytes), its hooks and its submodule names: what a failed call must not change."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    return tensors, hooks, sorted(n for n, _ in model.named_modules())
+
+
+def _same(a, b):
+    return a[1] == b[1] and a[2] == b[2] and a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k])
+                                                                                 for k in a[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"multiplier": "x"}, {"multiplier": float("nan")}, {"multiplier": True},
+                                    {"fold": "sometimes"}, {"mask": "yes"}])
+def test_a_failed_attach_leaves_the_pipeline_as_it_was(world, kwargs):
+    pipe = build_pipeline("sd15")
+    before = _state(pipe.unet)
+    with pytest.raises(ValueError):
+        tlora.attach(pipe, world / "w.safetensors", **kwargs)
+    assert _same(before, _state(pipe.unet))
+    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))      # a network of the caller's: left as it was too
+    with_net = _state(pipe.unet)
+    with pytest.raises(ValueError):
+        tlora.attach(pipe, net, **kwargs)
+    assert _same(with_net, _state(pipe.unet)) and net.multiplier == 1.0
+
+
+def test_a_failed_inject_or_load_leaves_the_model_as_it_was(world, tmp_path):
+    unet = build_pipeline("sd15").unet
+    before = _state(unet)
+    taken = next(n for n, m in unet.named_modules() if n.endswith("attn2.to_v"))
+    blocker = tlora.inject(unet, tlora.TLoRAConfig(rank=4, target_module=(), target_name=(taken,)))
+    blocked = _state(unet)
+    with pytest.raises(ValueError, match="already has a T-LoRA adapter"):
+        tlora.inject(unet, tlora.TLoRAConfig(rank=4))           # the last target is taken: nothing is injected
+    assert _same(blocked, _state(unet))
+    blocker.remove()
+    assert _same(before, _state(unet))
+    bad = tmp_path / "bad.safetensors"
+    tensors, meta = tlora.weights.read(world / "w.safetensors")
+    k = sorted(tensors)[-1]
+    tensors[k] = torch.zeros(1, 1)
+    from safetensors.torch import save_file
+    save_file(tensors, str(bad), metadata={"tlora": meta["tlora"]})
+    for path in (bad, tmp_path / "missing.safetensors"):
+        with pytest.raises(ValueError):
+            tlora.load(path, unet)
+        assert _same(before, _state(unet))
+
+
+def test_multipliers_are_checked_and_a_removed_network_cannot_be_saved_or_attached(world, tmp_path):
+    pipe = build_pipeline("sd15")
+    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))
+    for bad in (float("nan"), float("inf"), "2", True, None):
+        with pytest.raises(ValueError, match="multiplier"):
+            net.multiplier = bad
+    assert net.multiplier == 1.0
+    net.remove()
+    with pytest.raises(ValueError, match="removed"):
+        tlora.save(net, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="removed"):
+        tlora.attach(pipe, net)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+# -- the machine and the environment ------------------------------------------------------------------------------
+def test_an_ascii_terminal_gets_escapes_not_a_crash(world):
+    """inspect prints α: with PYTHONIOENCODING=ascii it is escaped, exit 0, no traceback."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    r = subprocess.run([sys.executable, "-m", "tlora", "inspect", str(world / "w.safetensors")], env=env,
+                       capture_output=True, text=True, encoding="ascii", errors="replace")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "\\u03b1" in r.stdout, r.stderr[-1000:]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()[:100]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(world, tmp_path, tiny_disk, capsys):
+    w = tmp_path / "big.safetensors"          # larger than the disk: the write fails part-way
+    net = tlora.inject(build_pipeline("sd15").unet, tlora.TLoRAConfig(rank=16))
+    tlora.save(net, w)
+    assert w.stat().st_size > 256 * 1024
+    capsys.readouterr()
+    rc = main(["convert", str(w), str(tiny_disk / "out.safetensors"), "--to", "tlora"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 1 and len(err) == 1 and "failed" in err[0] and "Traceback" not in err[0], err
+    assert list(tiny_disk.iterdir()) == []                   # no temporary file, no half file
+
+
+def test_permissions_are_bad_input_exit_2(world, tmp_path):
+    """Run as an unprivileged user (setpriv; skipped where that is not possible): an unreadable config and an
+    unreadable data_dir are one line, exit 2."""
+    import tempfile
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to run a command as another user (setpriv)")
+    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        root.chmod(0o777)
+        (root / "data").mkdir()
+        (root / "data").chmod(0o000)
+        c = root / "c.json"
+        c.write_text(json.dumps({"model": "org/model", "data_dir": str(root / "data"), "output_dir": str(root / "o")}))
+        c.chmod(0o644)
+        secret = root / "secret.json"
+        secret.write_text("{}")
+        secret.chmod(0o000)
+        env = dict(os.environ, HOME=str(root), HF_HOME=str(root / "hf"))
+        for config, says in ((secret, "Permission denied"), (c, "Permission denied")):
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                                "tlora", "train", "--config", str(config)], capture_output=True, text=True, env=env,
+                               cwd=ROOT)
+            err = [ln for ln in r.stderr.splitlines() if ln.startswith("tlora")]
+            assert r.returncode == 2 and len(err) == 1 and says in err[0] and "Traceback" not in r.stderr, r.stderr[-800:]
+        assert not (root / "o").exists()
+    finally:
+        (root / "data").chmod(0o755)
+        shutil.rmtree(root)

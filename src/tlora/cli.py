@@ -441,12 +441,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MemoryError:
         say("failed", "out of memory (a size too large for this machine)")
         return 1
-    except Exception as e:           # a bug of ours: one line, the traceback only with TLORA_DEBUG=1
-        if os.environ.get("TLORA_DEBUG"):
-            raise
-        say("failed", f"{type(e).__name__}: {first_line(e)} (an internal error: set TLORA_DEBUG=1 for the "
-                      "traceback and please report it)")
+    except RuntimeError as e:        # torch's allocators: "can't allocate memory", "CUDA out of memory"
+        if not any(m in str(e) for m in ("allocate", "out of memory")) or os.environ.get("TLORA_DEBUG"):
+            return _internal(say, e)
+        say("failed", f"out of memory: {first_line(e)}")
         return 1
+    except Exception as e:           # a bug of ours: one line, the traceback only with TLORA_DEBUG=1
+        return _internal(say, e)
+
+
+def _internal(say, e: Exception) -> int:
+    if os.environ.get("TLORA_DEBUG"):
+        raise e
+    say("failed", f"{type(e).__name__}: {first_line(e)} (an internal error: set TLORA_DEBUG=1 for the traceback "
+                  "and please report it)")
+    return 1
 
 
 if __name__ == "__main__":

@@ -488,8 +488,13 @@ def summary(path) -> dict:
         info.update(variant=h["variant"], modules=len(h["modules"]), schedule_known=False,
                     schedules=sorted({(s["rank"], s["min_rank"], s["exponent"]) for s in h["modules"].values()}))
         return info
-    note = json.loads(meta["tlora_export"]) if "tlora_export" in meta else None
+    try:
+        note = json.loads(meta["tlora_export"]) if "tlora_export" in meta else None
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: its tlora_export metadata is not valid JSON") from None
     downs = [v for k, v in tensors.items() if k.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight"))]
+    if any(d.dim() not in (2, 4) for d in downs):
+        raise ValueError(f"{path}: a LoRA down weight is not a 2-D or 4-D tensor")
     info.update(variant="plain LoRA (no timestep mask)", modules=len(downs), export=note,
                 ranks=sorted({d.shape[0] for d in downs}), schedules=[])
     return info

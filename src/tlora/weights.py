@@ -18,6 +18,7 @@ Nothing is ever unpickled: safetensors and JSON only.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import TLoRAConfig
@@ -100,8 +101,15 @@ def _checksum(header_json: str, tensors: Dict[str, torch.Tensor]) -> str:
 
 
 def atomic_save_file(tensors: Dict[str, torch.Tensor], path: os.PathLike, metadata: Dict[str, str]) -> None:
-    """safetensors ``save_file`` to a temporary name in the same folder, then rename."""
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """safetensors ``save_file`` to a temporary name in the same folder, then rename. A write that fails (a full
+    disk) is an OSError, as for every other file: safetensors' own error type is not one."""
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            raise OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO,
+                          f"could not write the weights ({first_line(e)})", str(path)) from None
+    atomic_write(path, write)
 
 
 def make_header(specs: Dict[str, ModuleSpec], config: TLoRAConfig, family: Optional[str] = None,
