@@ -24,7 +24,6 @@ How it works, the ComfyUI way:
 """
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 from . import settings as S
 from .functional import SIG_TYPES, SVD_METHODS
 from .layers import INITS, VARIANTS
-from .settings import MAX_RANK, SettingError, setting
+from .settings import SettingError, setting
 
 # per-module overrides allowed in module_algo_map
 OVERRIDE_KEYS = ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd")
@@ -28,13 +28,13 @@ Names = Tuple[str, ...]
 
 @dataclass
 class TLoRAConfig:
-    rank: Annotated[int, setting("adapter rank R (the most ranks active, at t = 0)", ge=1, le=MAX_RANK,
+    rank: Annotated[S.Rank, setting("adapter rank R (the most ranks active, at t = 0)",
                                  lycoris="linear_dim", official="lora_rank")] = 64
     alpha: Annotated[Optional[float], setting("LoRA alpha: scale = alpha / rank; null or 0: scale 1",
                                               lycoris="linear_alpha")] = None
-    min_rank: Annotated[int, setting("Rmin: ranks active at the noisiest step (<= rank)", ge=1, le=MAX_RANK,
+    min_rank: Annotated[S.Rank, setting("Rmin: ranks active at the noisiest step (<= rank)",
                                      lycoris="tlora_min_rank", official="min_rank", comfyui="min_rank")] = 1
-    exponent: Annotated[float, setting("schedule exponent α of r(t)", gt=0, le=1000, lycoris="tlora_alpha",
+    exponent: Annotated[S.Exponent, setting("schedule exponent α of r(t)", lycoris="tlora_alpha",
                                        official="alpha_rank_scale", comfyui="exponent")] = 1.0
     variant: Annotated[Literal[VARIANTS], setting("adapter form: ortho (the paper's T-LoRA) or vanilla LoRA",
                                                   lycoris="tlora_variant")] = "ortho"
@@ -45,9 +45,9 @@ class TLoRAConfig:
     svd: Annotated[Literal[SVD_METHODS], setting("exact full SVDs (LyCORIS-identical) or auto (fast)")] = "auto"
     multiplier: Annotated[float, setting("adapter strength while training", gt=0, le=1000,
                                          lycoris="multiplier")] = 1.0
-    num_train_timesteps: Annotated[int, setting("T, the denoiser's training timesteps", ge=1, le=S.MAX_STEPS,
+    num_train_timesteps: Annotated[S.TrainTimesteps, setting("T, the denoiser's training timesteps",
                                                 lycoris="num_train_timesteps")] = 1000
-    conv_rank: Annotated[Optional[int], setting("rank of Conv2d layers; null: rank", ge=1, le=MAX_RANK,
+    conv_rank: Annotated[Optional[S.Rank], setting("rank of Conv2d layers; null: rank",
                                                 lycoris="conv_dim")] = None
     conv_alpha: Annotated[Optional[float], setting("alpha of Conv2d layers; null: alpha",
                                                    lycoris="conv_alpha")] = None

@@ -12,26 +12,18 @@ official code and with LyCORIS ``compute_timestep_mask`` (both use Python floats
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
+from .settings import check_schedule
+
 Timesteps = Union[int, float, Sequence[float], torch.Tensor]
 
 
 def _check(max_rank: int, min_rank: int, exponent: float, num_train_timesteps: int) -> None:
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
-    if not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    if min_rank > max_rank:
-        raise ValueError(f"min_rank ({min_rank}) must not exceed max_rank ({max_rank})")
-    if not (isinstance(exponent, (int, float)) and math.isfinite(exponent) and exponent > 0):
-        raise ValueError(f"exponent (the schedule exponent α) must be a finite number > 0, got {exponent!r}")
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps <= 0:
-        raise ValueError(f"num_train_timesteps must be an int > 0, got {num_train_timesteps!r}")
+    check_schedule(max_rank, min_rank, exponent, num_train_timesteps)     # the settings schema's types
 
 
 def _rank(t: float, max_rank: int, min_rank: int, exponent: float, T: int) -> int:

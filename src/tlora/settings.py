@@ -40,6 +40,12 @@ MAX_STEPS = 10 ** 7
 MAX_SEED = 2 ** 32 - 1
 
 
+# the types of the schedule's numbers, shared by TLoRAConfig's fields and tlora.schedule (one declaration)
+Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
+Exponent = Annotated[float, Field(gt=0, le=1000)]
+TrainTimesteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+
+
 class SettingError(UsageError):
     """One setting with a wrong value. ``key`` is the field's name (dotted below a section), ``requirement``
     what it must be; the message names the key as the source spells it."""
@@ -130,8 +136,8 @@ def _specs(cls) -> Dict[str, Spec]:
     out = {}
     for f in dataclasses.fields(cls):
         ann = hints[f.name]
-        info = next((m for m in get_args(ann)[1:] if isinstance(m, FieldInfo)), None) \
-            if get_origin(ann) is Annotated else None
+        infos = [m for m in get_args(ann)[1:] if isinstance(m, FieldInfo)] if get_origin(ann) is Annotated else []
+        info = next((m for m in reversed(infos) if m.description), None)   # a shared type's Field has none
         if info is None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -153,6 +159,20 @@ def check(obj, where: str = "") -> None:
             object.__setattr__(obj, name, spec.check(getattr(obj, name)))
         except SettingError as e:
             raise SettingError(where + e.key, e.requirement, e.value) from None
+
+
+def check_schedule(max_rank: int, min_rank: int, exponent: float, num_train_timesteps: int) -> None:
+    """A rank schedule's numbers (:class:`tlora.schedule.RankSchedule`), by the same types as TLoRAConfig's
+    rank, min_rank, exponent and num_train_timesteps; ValueError (SettingError) naming the first wrong one."""
+    for name, kind, value in (("max_rank", Rank, max_rank), ("min_rank", Rank, min_rank),
+                              ("exponent", Exponent, exponent), ("num_train_timesteps", TrainTimesteps,
+                                                                 num_train_timesteps)):
+        try:
+            _adapter(kind).validate_python(value)
+        except ValidationError:
+            raise SettingError(name, _describe(kind), value) from None
+    if min_rank > max_rank:
+        raise SettingError("min_rank", f"<= max_rank ({max_rank})", min_rank)
 
 
 def check_value(cls, key: str, value: Any, where: str = "") -> Any:
