@@ -167,7 +167,18 @@ class RunFolder:
             shutil.rmtree(p)
         if self.final is not None and self.final_ours:
             self.final.unlink()
+        best = self.path / "tlora-best.safetensors"
+        if best.is_file() and not best.is_symlink() and self._is_ours(best):
+            best.unlink()
+            (self.path / "best.json").unlink(missing_ok=True)
         self.ours, self.final = [], None
+
+    def _is_ours(self, weights_file: Path) -> bool:
+        try:
+            h = weights.parse_header(weights.read_metadata(weights_file), weights_file)
+            return not differences(self.run_identity, identity(h["training"]["config"], h.get("family")))
+        except (ValueError, KeyError, TypeError):
+            return False
 
 
 def prune(ours: List[Path], keep: Optional[int]) -> List[Path]:
