@@ -72,3 +72,21 @@ def official_checkpoint(unet, variant, rank, seed=0):
                 sd[f"{pre}.p_layer.weight"] = p0 + 0.05 * torch.randn(p0.shape, generator=g)
                 sd[f"{pre}.lambda_layer"] = lam0 * 1.3
     return sd
+
+
+def tiny_world(root):
+    """``root/model`` (a tiny SD1.5 pipeline, saved), ``root/data`` (two 32×32 images) and ``root/w.safetensors``
+    (a rank-4 T-LoRA for it, moved off its init); returns the pipeline (adapters removed)."""
+    from PIL import Image
+    import tlora
+    pipe = tiny.build_pipeline("sd15")
+    pipe.save_pretrained(root / "model")
+    (root / "data").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / "data" / f"{i}.png")
+    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))
+    perturb(net)
+    tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
+    net.remove()
+    return pipe

@@ -21,10 +21,9 @@ from safetensors.torch import save_file
 
 import tlora
 from tlora.cli import main
-from tlora.tiny import build_pipeline
 from tlora.weights import write_native
 
-from conftest import perturb, with_flags
+from conftest import tiny_world, with_flags
 from conftest import official_checkpoint
 
 DROP = object()     # a key to leave out of a config (None stays: it is JSON null)
@@ -34,16 +33,7 @@ DEEP = '{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    pipe = build_pipeline("sd15")
-    pipe.save_pretrained(root / "model")
-    (root / "data").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / "data" / f"{i}.png")
-    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))
-    perturb(net)
-    tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
-    net.remove()
+    pipe = tiny_world(root)
     save_file(official_checkpoint(pipe.unet, "lora", 4), str(root / "official.safetensors"))
     linears = [(n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q")][:2]
     LYC_MODULES.update({"lycoris_" + n.replace(".", "_"): tuple(m.weight.shape) for n, m in linears})

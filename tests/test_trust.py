@@ -20,7 +20,7 @@ import tlora.train
 from tlora.cli import main
 from tlora.tiny import build_pipeline
 
-from conftest import perturb
+from conftest import tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    pipe = build_pipeline("sd15")
-    pipe.save_pretrained(root / "model")
-    (root / "data").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / "data" / f"{i}.png")
-    net = tlora.inject(pipe.unet, tlora.TLoRAConfig(rank=4))
-    perturb(net)
-    tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
+    tiny_world(root)
     return root
 
 
