@@ -376,7 +376,20 @@ def bad_files(loras):
     (loras / "pickle.ckpt").write_bytes(pickle.dumps({"state_dict": {}}))
     xl = diffusers_denoiser("sdxl")
     make_tlora(xl, "sdxl", loras / "sdxl.safetensors")
-    return {"foreign.safetensors": "unknown weights format",
+    path, lin = next((n, m) for n, m in den.named_modules() if n.endswith("attn1.to_q"))
+    name = "lycoris_" + path.replace(".", "_")
+    lyc = {f"{name}.q_layer.weight": torch.randn(4, lin.in_features), f"{name}.alpha": torch.tensor(4.0),
+           f"{name}.p_layer.weight": torch.randn(lin.out_features, 4), f"{name}.lambda_layer": torch.ones(1, 4)}
+    meta = {"algo": "tlora", "linear_dim": 4, "tlora_min_rank": 2, "tlora_alpha": 1.0}
+    save_file({**lyc, f"{name}.lambda_layer": torch.ones(1, 3)}, str(loras / "lyc-lambda.safetensors"),
+              metadata={"lycoris_config": json.dumps(meta)})
+    save_file(lyc, str(loras / "lyc-minrank.safetensors"),
+              metadata={"lycoris_config": json.dumps({**meta, "tlora_min_rank": 9})})
+    save_file(lyc, str(loras / "lyc-meta.safetensors"), metadata={"lycoris_config": "{nope"})
+    return {"lyc-lambda.safetensors": "do not fit its layer",      # the CLI's readers, the CLI's one line
+            "lyc-minrank.safetensors": "min_rank",
+            "lyc-meta.safetensors": "not valid JSON",
+            "foreign.safetensors": "unknown weights format",
             "shapes.safetensors": "has weight shape",
             "truncated.safetensors": "not a readable safetensors file",
             "corrupt.safetensors": "checksum",
