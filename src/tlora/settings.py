@@ -272,7 +272,7 @@ def markdown(cls, prefix: str = "", sources: Tuple[str, ...] = ("simpletuner", "
     """The settings of ``cls`` as markdown table rows (header first): key, what it must be, default, what it
     sets, and its key in each of ``sources``."""
     def row(cells):
-        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+        return "|" + "|".join(f" {c.replace('|', chr(92) + '|')} " if c else " " for c in cells) + "|"
     rows = [row(["key", "value", "default", "what it sets", *sources]), "|" + "---|" * (4 + len(sources))]
     for s in specs(cls).values():
         default = list(s.default) if isinstance(s.default, tuple) else s.default
