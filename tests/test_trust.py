@@ -392,6 +392,7 @@ import os, sys
 import tlora.cli, tlora.train, tlora.quantize, tlora.processors
 tlora.quantize.import_backends(); tlora.processors.use_pil_image_processors()
 import diffusers, transformers
+tlora.trainconfig.TrainConfig()        # pydantic builds (and imports) its validators when first used
 os.setgroups([]); os.setgid(65534); os.setuid(65534)      # everything imported: now an unprivileged user
 sys.exit(tlora.cli.main(sys.argv[1:]))
 """
