@@ -40,8 +40,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--prompt-set", choices=["live", "object"],
                    help="the 25 DreamBooth evaluation prompts, '{0}' = '--placeholder --class'")
-    p.add_argument("--placeholder", default="sks", help="identifier token for --prompt-set")
-    p.add_argument("--class", dest="class_name", default="", help="class word for --prompt-set")
+    p.add_argument("--placeholder", help="identifier token: '{0}' in a prompt is 'placeholder class' (default: the "
+                   "weights' training placeholder, else sks)")
+    p.add_argument("--class", dest="class_name", help="class word of '{0}' (default: the weights' training class)")
     p.add_argument("--negative-prompt")
     for flag, name in (("--num-images", "num_images"), ("--steps", "steps"), ("--guidance", "guidance"),
                        ("--seed", "seed"), ("--multiplier", "multiplier"), ("--height", "height"),
@@ -89,15 +90,33 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise UsageError(f"the following arguments are required: --{', --'.join(missing)} (or --config_path for an "
                          "official run)")
     from .generate import read_prompts_file, run_generate   # diffusers: loaded when it runs
-    prompts = list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])
+    placeholder, class_name = _subject(a)
+    subject = f"{placeholder} {class_name}".strip()
+    prompts = [p.replace("{0}", subject) for p in                   # '{0}' as in training and the official code
+               list(a.prompt) + (read_prompts_file(a.prompts_file) if a.prompts_file else [])]
     if a.prompt_set:
-        prompts += prompt_set(a.prompt_set, a.placeholder, a.class_name)
+        prompts += prompt_set(a.prompt_set, placeholder, class_name)
+
     given = {k: getattr(a, k) for k in GENERATE_FLAGS if getattr(a, k) is not None}
     s = GenerateSettings(model=a.model, weights=a.weights, prompts=prompts, out=a.out,
-                         negative_prompt=a.negative_prompt, mask=not a.no_mask, overwrite=a.overwrite, **given)
+                         negative_prompt=a.negative_prompt, mask=not a.no_mask, overwrite=a.overwrite,
+                         placeholder=placeholder, **given)
     out = run_generate(s)
     print(f"wrote {out}/grid.png and {out}/generate.json")
     return 0
+
+
+def _subject(a: argparse.Namespace) -> tuple:
+    """(placeholder, class) of '{0}': the flags, else what the weights were trained with, else ('sks', '')."""
+    trained = {}
+    try:
+        from .weights import read_header
+        trained = read_header(a.weights).get("training", {}).get("config", {}) or {}
+    except (ValueError, OSError, AttributeError):
+        pass          # a missing or unreadable file is reported by generate itself, in its one line
+    placeholder = a.placeholder if a.placeholder is not None else trained.get("placeholder") or "sks"
+    class_name = a.class_name if a.class_name is not None else trained.get("class_name") or ""
+    return str(placeholder), str(class_name)
 
 
 def _official_generate(a: argparse.Namespace) -> int:
@@ -198,6 +217,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu to force the CPU")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, print the expected peak memory (tlora memory) and exit; writes nothing")
+    quick = p.add_argument_group("a run without a config file (or on top of one)",
+                                 "tlora train --model toyworld --image my.png --placeholder sks --class shape")
+    quick.add_argument("--image", help="train on this one image (data_dir = its folder, one_image = its name)")
+    for flag, name in QUICK_FLAGS.items():
+        add_flag(quick, flag, TrainConfig, name, default=None, dest="quick_" + name)
     off = p.add_argument_group("official T-LoRA flags (ControlGenAI/T-LoRA train.py)")
     for flag, where in OFFICIAL_FLAGS.items():     # each flag typed and ranged by the field it sets (the schema)
         if where is None:
@@ -206,14 +230,25 @@ def _train_args(p: argparse.ArgumentParser) -> None:
             add_flag(off, f"--{flag}", *where, default=None, help_hidden=True)
 
 
+QUICK_FLAGS = {"--model": "model", "--placeholder": "placeholder", "--class": "class_name", "--steps": "max_steps",
+               "--out": "output_dir"}
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import TrainingError, train   # accelerate, diffusers, tensorboard: only `tlora train` needs them
     official = {k: getattr(a, k) for k in OFFICIAL_FLAGS if getattr(a, k) is not None}
     if official and a.config:
         raise UsageError("give either --config or the official flags, not both")
-    sets = list(a.set) + ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
+    quick = {name: getattr(a, "quick_" + name) for name in QUICK_FLAGS.values() if getattr(a, "quick_" + name) is not None}
+    if a.image is not None:
+        quick.update(data_dir=str(Path(a.image).parent), one_image=Path(a.image).name)
+    if quick and official:
+        raise UsageError("--model, --image, --placeholder, --class, --steps and --out are tlora's own flags; with the "
+                         "official flags use theirs")
+    sets = [f"{k}={json.dumps(v)}" for k, v in quick.items()] + list(a.set) + \
+        ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
         ([f"device={json.dumps(a.device)}"] if a.device else []) + (["overwrite=true"] if a.overwrite else [])
-    cfg = load_config(a.config, sets, official or None)
+    cfg = load_config(a.config, sets, official or None, from_flags=bool(quick))
     if a.dry_run:
         return _print_estimate(cfg.model, cfg.tlora, cfg.resolution, cfg.batch_size, cfg.gradient_checkpointing,
                                cfg.mixed_precision, cfg.base_precision, cfg.quantization_backend, cfg.optimizer)
@@ -411,9 +446,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
     transformers.utils.logging.disable_progress_bar()
     say = lambda kind, msg: print(_one_line(args.command, kind, msg), file=sys.stderr)   # noqa: E731
+    def note(message, category, filename, lineno, file=None, line=None):    # a warning is one readable line
+        print(_one_line(args.command, "note", str(message)), file=sys.stderr)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # an absurd image is bad input
+            warnings.filterwarnings("default", category=UserWarning, module=r"tlora(\.|$)")  # ours: always a note
+            warnings.showwarning = note
             return int(args.func(args) or 0)
     except UsageError as e:
         say("error", str(e))

@@ -29,6 +29,19 @@ from .errors import UsageError
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+# short names of the pipelines shipped inside the package → their folder under tlora/assets
+SHIPPED_MODELS = {"toyworld": "toyworld", "toyworld-textured": "toyworld-textured"}
+
+
+def model_path(name: str) -> str:
+    """A ``model`` argument as diffusers takes it: a shipped model's short name (``toyworld``) becomes its folder
+    inside the package; a local folder or hub id stays as it is."""
+    if name in SHIPPED_MODELS and not Path(name).exists():
+        from importlib import resources
+        return str(resources.files("tlora") / "assets" / SHIPPED_MODELS[name])
+    return name
+
+
 def looks_like_hub_id(name: str) -> bool:
     """``org/name`` (one slash, not a relative or absolute path): what a model hub would be asked for."""
     return not name.startswith((".", "/", "~")) and name.count("/") == 1

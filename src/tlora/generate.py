@@ -9,6 +9,8 @@ import inspect
 import json
 import math
 import re
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .families import DENOISER_ATTRS, denoiser_of, detect
 from .devices import check_device
-from .fileio import check_output, first_line, looks_like_hub_id, read_text, show, write_files
+from .fileio import check_output, first_line, looks_like_hub_id, model_path, read_text, show, write_files
 from .masking import attach
 from .quantize import BACKENDS, BasePrecision
 from .quantize import PRECISIONS as BASE_PRECISIONS
@@ -58,6 +60,7 @@ class GenerateSettings:
     quantization_backend: Annotated[Optional[Literal[BACKENDS]], setting(
         "backend of base_precision; null: quanto for int8, bitsandbytes for nf4")] = None
     overwrite: bool = False                      # replace an earlier generate output in ``out``
+    placeholder: Optional[str] = None            # the concept's token: a note when no prompt asks for it
 
     def __post_init__(self):
         check(self)
@@ -90,7 +93,9 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
                   base: BasePrecision = BasePrecision(), denoiser_dtype: Optional[torch.dtype] = None):
     """A stock text-to-image pipeline from a local folder or hub id (diffusers' auto pipeline). ``base``: the
     denoiser loaded quantized through diffusers' ``quantization_config`` (:mod:`tlora.quantize`; checked with
-    ``check_runtime`` by the caller); ``denoiser_dtype``: its compute dtype (default ``dtype``)."""
+    ``check_runtime`` by the caller); ``denoiser_dtype``: its compute dtype (default ``dtype``). A shipped model's
+    short name (``toyworld``, ``toyworld-textured``) is its folder inside the package."""
+    model = model_path(model)
     local = Path(model)
     if not local.exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
@@ -135,7 +140,9 @@ def _denoiser_attr(model: str) -> str:
 
 
 def load_denoiser(model: str):
-    """Only the UNet / transformer of a pipeline (local folder or hub id), by its model_index.json."""
+    """Only the UNet / transformer of a pipeline (local folder, hub id or shipped short name), by its
+    model_index.json."""
+    model = model_path(model)
     if not Path(model).exists() and not looks_like_hub_id(model):
         raise UsageError(f"model not found: {model} (a local pipeline folder or a hub id like org/name)")
     import diffusers
@@ -148,6 +155,14 @@ def load_denoiser(model: str):
     except Exception as e:
         raise UsageError(f"cannot load the denoiser of {model}: {first_line(e)}") from None
     raise UsageError(f"{model} has no unet or transformer")
+
+
+def native_resolution(pipe) -> Optional[int]:
+    """The image size the pipeline itself samples at by default (its denoiser's sample size × the VAE's scale, as
+    diffusers' pipelines compute it): 512 for SD1.5, 1024 for SDXL and SD3, 32 for the toy world; None if unknown."""
+    size = denoiser_of(pipe).config.get("sample_size") or getattr(pipe, "default_sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    return int(size * scale) if isinstance(size, int) and isinstance(scale, int) else None
 
 
 def contact_sheet(images: list, cols: int):
@@ -173,7 +188,8 @@ def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: i
     if width:
         kw["width"] = width
     out = []
-    bar = tqdm(total=len(prompts) * num_images, desc="images", unit="img", disable=not progress)
+    bar = tqdm(total=len(prompts) * num_images, desc="images", unit="img",
+               disable=not progress or not sys.stderr.isatty())       # no carriage-return lines in a log file
     for prompt in prompts:
         for j in range(num_images):
             g = torch.Generator(device="cpu").manual_seed(seed + j)
@@ -187,6 +203,9 @@ def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: i
 def run_generate(s: GenerateSettings) -> Path:
     """Validate, load, attach, generate; writes PNGs, grid.png and generate.json into ``s.out``."""
     s.validate()
+    if s.placeholder and s.weights and not any(s.placeholder in p.split() for p in s.prompts):
+        warnings.warn(f"no prompt holds the placeholder {s.placeholder!r}: the trained concept is not asked for "
+                      "(write it, or '{0}', in a prompt)", stacklevel=2)
     header = None
     if s.weights:
         try:

@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import TLoRAConfig
 from .errors import UsageError
-from .fileio import first_line, looks_like_hub_id
+from .fileio import first_line, looks_like_hub_id, model_path
 from .families import FAMILIES, TRAINING, detect
 from .network import inject
 from .quantize import COMPUTE_DTYPES, BasePrecision
@@ -87,7 +87,8 @@ class Estimate:
 # -- the denoiser on the meta device ------------------------------------------------------------------------------
 def read_denoiser_config(path: str) -> dict:
     """A denoiser config: a ``config.json`` file, a model folder with ``unet/`` or ``transformer/``, or the name of
-    a shipped config (:func:`shipped_configs`)."""
+    a shipped config (:func:`shipped_configs`) or pipeline (``toyworld``)."""
+    path = model_path(path)
     p = Path(path)
     if not p.exists() and (CONFIGS / f"{path}.json").is_file():
         p = CONFIGS / f"{path}.json"

@@ -245,8 +245,8 @@ def inject(model: nn.Module, config: Optional[TLoRAConfig] = None, generator: Op
             a.detach_from_base()
         raise
     if clamped:
-        warnings.warn(f"{len(clamped)} layers are narrower than the ortho rank {config.rank} (first: {clamped[0]}); "
-                      "their rank is clamped to the layer size", stacklevel=2)
+        warnings.warn(f"{len(clamped)} layers are narrower than rank {config.rank} (first: {clamped[0]}); their "
+                      "ranks are clamped to the layer size", stacklevel=2)
     return TLoRANetwork(model, config, adapters)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -34,7 +35,7 @@ from .errors import Interrupted, UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
 from .fileio import check_output, first_line, save_png, show, write_json
 from .formats import to_official
-from .generate import contact_sheet, load_pipeline, sample_images
+from .generate import contact_sheet, load_pipeline, native_resolution, sample_images
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
 from .quantize import COMPUTE_DTYPES
@@ -125,18 +126,61 @@ def _loop(run: "Run", acc: Accelerator, on_grads: Optional[Callable], on_step: O
     data = cache_inputs(run, acc.device)                               # 2. latents and text, encoded once
     opt = prepare_training(run, acc)                                   # 3. denoiser, adapters, optimizer
     outputs = Outputs(run, acc, opt.prediction_type)                   # 4. logs, samples, checkpoints, best
-    bar = tqdm(range(opt.start, cfg.max_steps), initial=opt.start, total=cfg.max_steps, desc="train",
-               disable=not acc.is_main_process)
-    t0 = time.time()
+    progress = Progress(run, opt.start, acc.is_main_process)
     with StopSignals() as stop:
-        for step in bar:                                               # 5. the loop
+        for step in range(opt.start, cfg.max_steps):                   # 5. the loop
             loss = _step(run, data, opt, acc, outputs, step, on_grads, on_step)
-            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(step + 1 - opt.start) / max(time.time() - t0, 1e-9):.2f}")
+            progress.update(step + 1, loss)
             signum = stop.requested(acc)
             if signum is not None:
                 raise Interrupted(signum, step + 1, outputs.interrupted(step + 1, opt))
-        bar.close()
+    progress.close()
     return finish(run, acc, outputs)                                   # 6. final weights, last validation
+
+
+class Progress:
+    """What a run tells its user: a summary before the first step (model and family, resolution, steps, batch,
+    rank / Rmin / variant, output folder), the time per step once a few steps have run, then a progress bar on a
+    terminal, or one line every ``max_steps / 20`` steps when stderr is a log file or CI (never a bar's carriage
+    returns there). Main process only."""
+    ESTIMATE_AFTER = 3
+
+    def __init__(self, run: "Run", start: int, main: bool):
+        cfg, tl = run.cfg, run.network.config
+        self.start, self.total, self.main, self.t0 = start, cfg.max_steps, main, time.time()
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, self.total // 20)
+        self.bar = None
+        if not main:
+            return
+        print(f"tlora train: {cfg.model} ({run.family.name}), {run.resolution} px, steps {start} → {self.total}, "
+              f"batch {cfg.batch_size}, rank {tl.rank} / Rmin {tl.min_rank} / {tl.variant}, "
+              f"{len(run.network.adapters)} layers, output {show(run.out)}", file=sys.stderr, flush=True)
+        if self.tty:
+            self.bar = tqdm(total=self.total, initial=start, desc="train", file=sys.stderr)
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.main:
+            return
+        per_step = (time.time() - self.t0) / max(done - self.start, 1)
+        if done - self.start == self.ESTIMATE_AFTER and done < self.total:
+            left = per_step * (self.total - done)
+            print(f"tlora train: {per_step:.2f} s per step: about {_duration(left)} for the {self.total - done} "
+                  "steps left", file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", s_step=f"{per_step:.2f}")
+        elif done % self.every == 0 or done == self.total:
+            print(f"step {done}/{self.total}  loss {loss:.4f}  {per_step:.2f} s/step", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def _step(run: "Run", data: "Cached", opt: "Optimization", acc: Accelerator, outputs: "Outputs", step: int,
@@ -283,7 +327,7 @@ def setup(cfg: TrainConfig) -> Run:
     family = detect(den)
     if family.name not in TRAINING:
         raise UsageError(f"training {family.name} is not supported yet")
-    resolution = cfg.resolution or family.resolution
+    resolution = cfg.resolution or native_resolution(pipe) or family.resolution   # the model's own size
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip(),
                                     what="class_data_dir") if cfg.class_data_dir else [])
@@ -561,7 +605,7 @@ def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
         if acc.num_processes > 1 else [_digest(run.network)]
     if acc.is_main_process:
         weights.save(run.network, final, metadata=outputs.metadata)
-        write_json(run.cfg.to_dict(), run.out / "config.resolved.json")
+        write_json({**run.cfg.to_dict(), "resolution": run.resolution}, run.out / "config.resolved.json")
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         write_json({"processes": acc.num_processes, "backend": backend, "digests": list(digests)},
                    run.out / "logs" / "ranks.json")

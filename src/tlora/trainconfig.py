@@ -356,8 +356,12 @@ def from_official(a: dict) -> TrainConfig:
     return cfg
 
 
-def load_config(path: Optional[str], sets: List[str], official: Optional[dict] = None) -> TrainConfig:
-    """A TrainConfig from our JSON, a SimpleTuner config.json, or official flags, then --set overrides."""
+def load_config(path: Optional[str], sets: List[str], official: Optional[dict] = None,
+                from_flags: bool = False) -> TrainConfig:
+    """A TrainConfig from our JSON, a SimpleTuner config.json, or official flags, then --set overrides;
+    ``from_flags``: with no file, from the defaults and ``sets`` alone (``tlora train --model … --image …``)."""
+    if not path and not official and from_flags:
+        return TrainConfig.from_dict(apply_overrides({}, sets), "the command line")
     if official:
         cfg = from_official(official)
         return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets), "--set") if sets else cfg

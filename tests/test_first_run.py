@@ -1,0 +1,66 @@
+"""A newcomer's first own run: the toy model by its short name, the model's own resolution, a start summary, no
+raw warnings, no carriage-return lines in a log, and prompts written the way training wrote them."""
+import json
+
+import pytest
+from PIL import Image
+
+import tlora
+from tlora.cli import main
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """``tlora train --model toyworld --image my.png --placeholder sks --class shape --steps 3`` (no resolution),
+    its stderr (pytest's capture is not a terminal, as CI and log files are not)."""
+    root = tmp_path_factory.mktemp("first")
+    Image.new("RGB", (48, 40), (250, 200, 0)).save(root / "my.png")
+    import io
+    import contextlib
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = main(["train", "--model", "toyworld", "--image", str(root / "my.png"), "--placeholder", "sks",
+                   "--class", "shape", "--steps", "3", "--out", str(root / "run"), "--device", "cpu",
+                   "--set", "validation_inference_steps=2"])
+    return root, rc, err.getvalue(), out.getvalue()
+
+
+def test_the_toy_model_by_its_short_name_trains_at_its_own_resolution(first_run):
+    root, rc, err, out = first_run
+    assert rc == 0, err[-2000:]
+    resolved = json.loads((root / "run" / "config.resolved.json").read_text())
+    assert resolved["resolution"] == 32 and resolved["model"] == "toyworld"
+    assert (resolved["data_dir"], resolved["one_image"]) == (str(root), "my.png")
+    header = tlora.weights.read_header(root / "run" / "tlora.safetensors")
+    assert header["training"]["resolution"] == 32 and header["family"] == "sd15"
+
+
+def test_the_start_summary_and_progress_lines_a_log_can_hold(first_run):
+    root, rc, err, out = first_run
+    lines = err.splitlines()
+    summary = next(ln for ln in lines if "px, steps" in ln)
+    assert "toyworld (sd15), 32 px, steps 0 → 3, batch 1, rank 64 / Rmin 1 / ortho" in summary
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    assert not any("\r" in ln or len(ln) > 1024 for ln in lines), [ln[:200] for ln in lines if len(ln) > 1024]
+
+
+def test_warnings_are_one_readable_note_line(first_run):
+    root, rc, err, out = first_run
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    notes = [ln for ln in err.splitlines() if ": note: " in ln]
+    assert notes and notes[0].startswith("tlora train: note: 24 layers are narrower than rank 64")
+
+
+def test_generate_fills_in_braces_zero_and_notes_a_prompt_without_the_concept(first_run, capsys):
+    root, rc, err, out = first_run
+    w = str(root / "run" / "tlora.safetensors")
+    argv = ["generate", "--model", "toyworld", "--weights", w, "--steps", "2", "--out"]
+    assert main(argv + [str(root / "g1"), "--prompt", "a {0} on red"]) == 0
+    record = json.loads((root / "g1" / "generate.json").read_text())
+    assert [i["prompt"] for i in record["images"]] == ["a sks shape on red"]    # the weights' own placeholder, class
+    assert not [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert main(argv + [str(root / "g2"), "--prompt", "a circle on red"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "no prompt holds the placeholder 'sks'" in notes[0]
+    assert main(argv + [str(root / "g3"), "--prompt", "a {0} on red", "--placeholder", "zwx", "--class", "toy"]) == 0
+    assert json.loads((root / "g3" / "generate.json").read_text())["images"][0]["prompt"] == "a zwx toy on red"
