@@ -64,3 +64,18 @@ def test_generate_fills_in_braces_zero_and_notes_a_prompt_without_the_concept(fi
     assert len(notes) == 1 and "no prompt holds the placeholder 'sks'" in notes[0]
     assert main(argv + [str(root / "g3"), "--prompt", "a {0} on red", "--placeholder", "zwx", "--class", "toy"]) == 0
     assert json.loads((root / "g3" / "generate.json").read_text())["images"][0]["prompt"] == "a zwx toy on red"
+
+
+def test_a_config_typo_is_refused_before_the_heavy_imports(tmp_path):
+    """The config is read and checked before diffusers, accelerate, transformers or the quantization backends are
+    imported (torch itself is still imported by the settings' own modules)."""
+    import subprocess
+    import sys
+    (tmp_path / "c.json").write_text(json.dumps({"model": "toyworld", "data_dir": ".", "max_step": 3}))
+    code = ("import sys; from tlora.cli import main; rc = main(['train', '--config', 'c.json']); "
+            "print(rc, sorted(m for m in ('diffusers', 'accelerate', 'transformers', 'optimum.quanto', 'torchao', "
+            "'bitsandbytes') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.stdout.split("\n")[-2] == "2 []", r.stdout + r.stderr[-1000:]
+    assert r.stderr.strip().splitlines() == ["tlora train: error: unknown c.json key(s): 'max_step' (did you mean "
+                                             "'max_steps'?)"]

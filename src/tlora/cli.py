@@ -234,8 +234,8 @@ QUICK_FLAGS = {"--model": "model", "--placeholder": "placeholder", "--class": "c
                "--out": "output_dir"}
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainingError, train   # accelerate, diffusers, tensorboard: only `tlora train` needs them
+def _check_train(a: argparse.Namespace) -> None:
+    """The run's config from every source (file, official flags, quick flags, --set), checked: ``a.cfg``."""
     official = {k: getattr(a, k) for k in OFFICIAL_FLAGS if getattr(a, k) is not None}
     if official and a.config:
         raise UsageError("give either --config or the official flags, not both")
@@ -248,7 +248,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     sets = [f"{k}={json.dumps(v)}" for k, v in quick.items()] + list(a.set) + \
         ([f"resume={json.dumps(a.resume)}"] if a.resume else []) + \
         ([f"device={json.dumps(a.device)}"] if a.device else []) + (["overwrite=true"] if a.overwrite else [])
-    cfg = load_config(a.config, sets, official or None, from_flags=bool(quick))
+    a.cfg = load_config(a.config, sets, official or None, from_flags=bool(quick))
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainingError, train   # accelerate, diffusers, tensorboard: only `tlora train` needs them
+    cfg = a.cfg
     if a.dry_run:
         return _print_estimate(cfg.model, cfg.tlora, cfg.resolution, cfg.batch_size, cfg.gradient_checkpointing,
                                cfg.mixed_precision, cfg.base_precision, cfg.quantization_backend, cfg.optimizer)
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a T-LoRA. Give --config FILE (tlora or SimpleTuner JSON) with optional "
                                    "--set key=value, or the official repository's flags.")
     _train_args(t)
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_cmd_train, check=_check_train)
     e = sub.add_parser("evaluate", help="IS, DINO-IS and TS of generated images (the paper's metrics)")
     _evaluate_args(e)
     e.set_defaults(func=_cmd_evaluate)
@@ -439,12 +444,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:          # --help (0) or a bad argument (2, its one line already printed): a code
         return e.code if isinstance(e.code, int) else 0
-    import_backends()            # after parsing (a bad argument or --help never waits for them), before anything
-    use_pil_image_processors()   # imports diffusers or transformers: their quantization backends' import notices
-    import diffusers
-    import transformers
-    diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
-    transformers.utils.logging.disable_progress_bar()
     say = lambda kind, msg: print(_one_line(args.command, kind, msg), file=sys.stderr)   # noqa: E731
     def note(message, category, filename, lineno, file=None, line=None):    # a warning is one readable line
         print(_one_line(args.command, "note", str(message)), file=sys.stderr)
@@ -453,6 +452,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # an absurd image is bad input
             warnings.filterwarnings("default", category=UserWarning, module=r"tlora(\.|$)")  # ours: always a note
             warnings.showwarning = note
+            if hasattr(args, "check"):   # a command's own input (a config file) is checked before the heavy imports
+                args.check(args)
+            _heavy_imports()
             return int(args.func(args) or 0)
     except UsageError as e:
         say("error", str(e))
@@ -486,6 +488,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except Exception as e:           # a bug of ours: one line, the traceback only with TLORA_DEBUG=1
         return _internal(say, e)
+
+
+def _heavy_imports() -> None:
+    """After the arguments and a command's config are checked (a typo never waits for them), before the work:
+    the quantization backends (their import notices muted), diffusers and transformers without loading bars."""
+    import_backends()
+    use_pil_image_processors()   # imports diffusers or transformers: their quantization backends' import notices
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()   # our own bars show progress; loading bars are noise
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _internal(say, e: Exception) -> int:
