@@ -79,3 +79,22 @@ def test_a_config_typo_is_refused_before_the_heavy_imports(tmp_path):
     assert r.stdout.split("\n")[-2] == "2 []", r.stdout + r.stderr[-1000:]
     assert r.stderr.strip().splitlines() == ["tlora train: error: unknown c.json key(s): 'max_step' (did you mean "
                                              "'max_steps'?)"]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_evaluate_without_its_models_says_so_at_once(tmp_path, capsys, monkeypatch, offline):
+    """Models neither local nor cached: HF_HUB_OFFLINE, or a hub that cannot be reached (a closed local port here),
+    is one line naming the model and the way out; no download retries (the connection is tried once)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "imgs" / "0.png")
+    Image.new("RGB", (32, 32), (9, 2, 3)).save(tmp_path / "ref.png")
+    rc = main(["evaluate", "--images", str(tmp_path / "imgs"), "--reference", str(tmp_path / "ref.png"),
+               "--prompts", "a sks dog", "--out", str(tmp_path / "r.json")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "openai/clip-vit-base-patch32 is not in the local Hugging Face cache" in err[0]
+    assert ("HF_HUB_OFFLINE is set" in err[0]) == offline and "--clip" in err[0]
+    assert not (tmp_path / "r.json").exists()

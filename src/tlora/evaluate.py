@@ -76,6 +76,37 @@ def _check_model_dir(name: str, what: str) -> None:
             raise UsageError(f"{what} model folder {name} has no weights (*.safetensors)")
     elif not looks_like_hub_id(name):
         raise UsageError(f"{what} model not found: {name}")
+    elif not _cached(name) and not _hub_reachable():
+        raise UsageError(f"{what} model {name} is not in the local Hugging Face cache and the hub cannot be reached"
+                         f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}: download it once where the hub is "
+                         "reachable, or give --clip / --dino a local model folder (--dino none skips DINO-IS)")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached(repo: str) -> bool:
+    """The hub model's config is in the local cache (so loading it needs no network)."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One connection attempt to the hub's host (never with HF_HUB_OFFLINE): an unreachable hub is said at once,
+    not after the download library's retries (about a minute)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if _offline():
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class Embedder:
