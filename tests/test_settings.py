@@ -81,7 +81,8 @@ def test_every_field_has_help_and_every_type_is_checked():
     for cls in CLASSES:
         for spec in S.specs(cls).values():
             assert spec.help and not spec.help.endswith("."), (cls.__name__, spec.name)
-    skipped = {"tlora"} | {"mask", "seeds", "overwrite", "model", "weights", "prompts", "out", "negative_prompt"}
+    skipped = {"tlora"} | {"mask", "seeds", "overwrite", "model", "weights", "prompts", "out", "negative_prompt",
+                           "placeholder"}
     for cls in CLASSES:
         import dataclasses
         unchecked = {f.name for f in dataclasses.fields(cls)} - set(S.specs(cls)) - skipped

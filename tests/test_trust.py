@@ -267,8 +267,10 @@ def test_a_stop_signal_saves_the_step_and_resume_is_bit_identical(world, tmp_pat
     monkeypatch.setattr(tlora.train, "train_step", step_with_signal)
     capsys.readouterr()
     assert main(["train", "--config", c]) == code
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("train:")]
-    assert len(err) == 1 and "checkpoint-2" in err[0] and f"--config {c} --resume latest" in err[0], err
+    lines = capsys.readouterr().err.splitlines()
+    err = [ln for ln in lines if ln.startswith("tlora train: stopped")]
+    assert len(err) == 1 and "checkpoint-2" in err[0] and f"--config {c} --resume latest" in err[0], lines
+    assert not [ln for ln in lines if ": error:" in ln or ": failed:" in ln or "Traceback" in ln], lines
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "tlora.safetensors").exists() and not (out / ".tlora.lock").exists()
     monkeypatch.setattr(tlora.train, "train_step", real)

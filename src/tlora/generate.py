@@ -203,9 +203,6 @@ def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: i
 def run_generate(s: GenerateSettings) -> Path:
     """Validate, load, attach, generate; writes PNGs, grid.png and generate.json into ``s.out``."""
     s.validate()
-    if s.placeholder and s.weights and not any(s.placeholder in p.split() for p in s.prompts):
-        warnings.warn(f"no prompt holds the placeholder {s.placeholder!r}: the trained concept is not asked for "
-                      "(write it, or '{0}', in a prompt)", stacklevel=2)
     header = None
     if s.weights:
         try:
@@ -221,6 +218,9 @@ def run_generate(s: GenerateSettings) -> Path:
             handle = attach(pipe, s.weights, multiplier=s.multiplier, mask=s.mask)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if s.placeholder and s.weights and not any(s.placeholder in p.split() for p in s.prompts):
+        warnings.warn(f"no prompt holds the placeholder {s.placeholder!r}: the trained concept is not asked for "
+                      "(write it, or '{0}', in a prompt)", stacklevel=2)
     try:
         results = sample_images(pipe, s.prompts, s.num_images, s.seed, s.steps, guidance, s.negative_prompt,
                                 s.height, s.width)
