@@ -98,3 +98,28 @@ def test_evaluate_without_its_models_says_so_at_once(tmp_path, capsys, monkeypat
     assert rc == 2 and len(err) == 1 and "openai/clip-vit-base-patch32 is not in the local Hugging Face cache" in err[0]
     assert ("HF_HUB_OFFLINE is set" in err[0]) == offline and "--clip" in err[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def _label_bands(path, rows, cols, tile=128):
+    """The label bands of a grid of ``rows`` × ``cols`` tiles of ``tile`` px (32 px images enlarged 4×): both exist
+    and hold dark text pixels. Returns (grid as an array, left band width, top band height)."""
+    import numpy as np
+    a = np.asarray(Image.open(path).convert("RGB"))
+    top, left = a.shape[0] - rows * tile, a.shape[1] - cols * tile
+    assert top >= 12 and left >= 100, (a.shape, top, left)
+    gray = a.mean(axis=2)
+    assert (gray[:top, left:] < 100).any() and (gray[top:, :left] < 100).any()   # column and row labels
+    assert (gray[:top, left:] > 250).mean() > 0.5 and (gray[top:, :left] > 250).mean() > 0.5   # bands, not tiles
+    return a, left, top
+
+
+def test_grids_are_labelled_with_tiles_a_person_can_see(first_run):
+    import numpy as np
+    root, rc, err, out = first_run
+    _label_bands(root / "run" / "samples" / "step-3.png", rows=1, cols=1)
+    assert main(["generate", "--model", "toyworld", "--weights", str(root / "run" / "tlora.safetensors"), "--steps",
+                 "2", "--num-images", "2", "--prompt", "a {0} on red", "--prompt", "a {0} on blue",
+                 "--out", str(root / "g4")]) == 0
+    grid, left, top = _label_bands(root / "g4" / "grid.png", rows=2, cols=2)
+    first = np.asarray(Image.open(root / "g4" / "0000-seed0.png").convert("RGB"))
+    assert np.array_equal(grid[top:top + 128:4, left:left + 128:4], first)       # the tile is the image, 4× enlarged

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from .errors import UsageError
 from .fileio import save_png
 from .generate import contact_sheet, load_pipeline
@@ -50,8 +48,9 @@ def run_demo(out: Path, steps: int = None, rank: int = RANK, n_prompts: int = 6)
         images = sample(pipe, weights, scenes, world, seed=0)
         report[f"{label} (lr {lr:g})"] = score(images, scenes, concept, world)
         rows += [reference] + list(images)
-    sheet = contact_sheet(rows, cols=n_prompts + 1)
-    sheet = sheet.resize((sheet.width * 4, sheet.height * 4), Image.Resampling.NEAREST)
+    labels = ["asked for (drawn by the world)"] + [f"{label} (lr {lr:g})" for label, _, lr in runs]
+    columns = ["training image"] + [world.prompt(s).replace("sks ", "") for s in scenes]
+    sheet = contact_sheet(rows, cols=n_prompts + 1, rows=labels, columns=columns, min_tile=128)
     path = out / "lora-vs-tlora.png"
     save_png(sheet, path)
     print(f"concept: {concept.colour} {concept.shape} (never seen in pretraining), trained as "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, List, Literal, Optional
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .errors import UsageError
@@ -165,14 +165,47 @@ def native_resolution(pipe) -> Optional[int]:
     return int(size * scale) if isinstance(size, int) and isinstance(scale, int) else None
 
 
-def contact_sheet(images: list, cols: int):
-    """Images (PIL, same size) in a grid of ``cols`` columns."""
+def contact_sheet(images: list, cols: int, rows: Optional[List[str]] = None, columns: Optional[List[str]] = None,
+                  min_tile: int = 128):
+    """Images (PIL, same size) in a grid of ``cols`` columns. With ``rows`` / ``columns`` labels the grid gets a
+    label band on the left and on top (text wrapped to fit), and tiles smaller than ``min_tile`` px are enlarged
+    by a whole factor (nearest neighbour: 32 px tiles stay sharp), so a person can read and see it."""
     w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    n_rows = math.ceil(len(images) / cols)
+    k = max(1, math.ceil(min_tile / max(w, h))) if rows or columns else 1
+    tw, th = w * k, h * k
+    font = ImageFont.load_default(size=max(12, min(18, tw // 9)))
+    left = _band(rows, font, vertical=False, width=max(140, tw)) if rows else 0
+    top = _band(columns, font, vertical=True, width=tw) if columns else 0
+    sheet = Image.new("RGB", (left + cols * tw, top + n_rows * th), "white")
+    draw = ImageDraw.Draw(sheet)
     for i, im in enumerate(images):
-        sheet.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+        tile = im.convert("RGB").resize((tw, th), Image.Resampling.NEAREST) if k > 1 else im.convert("RGB")
+        sheet.paste(tile, (left + (i % cols) * tw, top + (i // cols) * th))
+    for j, label in enumerate(columns or []):
+        draw.multiline_text((left + j * tw + 4, 4), _wrap(label, font, tw - 8), fill="black", font=font)
+    for r, label in enumerate(rows or []):
+        draw.multiline_text((6, top + r * th + 4), _wrap(label, font, left - 12), fill="black", font=font)
     return sheet
+
+
+def _wrap(text: str, font, width: int) -> str:
+    """``text`` broken into lines no wider than ``width`` px (a word wider than that stands alone)."""
+    lines: List[str] = []
+    for word in str(text).split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def _band(labels: List[str], font, vertical: bool, width: int) -> int:
+    """The height (vertical: a top band over columns ``width`` px wide) or width (a left band) labels need."""
+    if not vertical:
+        return width
+    line = font.getbbox("Ag")[3] + 4
+    return 8 + line * max(_wrap(t, font, width - 8).count("\n") + 1 for t in labels)
 
 
 def sample_images(pipe, prompts: List[str], num_images: int, seed: int, steps: int, guidance: float,
@@ -232,7 +265,8 @@ def run_generate(s: GenerateSettings) -> Path:
         name = f"{i:04d}-seed{seed}.png"
         writers[name] = lambda tmp, im=image: im.save(tmp, format="PNG")
         files.append({"file": name, "prompt": prompt, "seed": seed})
-    grid = contact_sheet([r[2] for r in results], cols=s.num_images)
+    grid = contact_sheet([r[2] for r in results], cols=s.num_images, rows=list(s.prompts),
+                         columns=[f"seed {s.seed + j}" for j in range(s.num_images)])
     writers["grid.png"] = lambda tmp: grid.save(tmp, format="PNG")
     record = asdict(s) | {"guidance": guidance, "family": family.name, "images": files,
                           "seeds": sorted({f["seed"] for f in files}),

@@ -512,7 +512,9 @@ class Outputs:
                                  height=run.resolution, width=run.resolution)
         run.den.train()
         run.encoders_to("cpu")
-        sheet = contact_sheet([im for _, _, im in imgs], cols=cfg.num_validation_images)
+        sheet = contact_sheet([im for _, _, im in imgs], cols=cfg.num_validation_images,
+                              rows=cfg.resolved_validation_prompts(),
+                              columns=[f"step {step}, seed {cfg.seed + j}" for j in range(cfg.num_validation_images)])
         save_png(sheet, run.out / "samples" / f"step-{step}.png")
         self.writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
         if run.embedder is not None:
