@@ -232,13 +232,17 @@ def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp
                         r"colour distance ([\d.]+)", text)
     assert [s[0] for s in scores] == ["LoRA", "T-LoRA", "LoRA-gentle"]
     assert all(0.0 <= float(v) <= 1.0 for s in scores for v in s[1:])
-    sheet = Image.open(out / "lora-vs-tlora.png")
-    assert sheet.size == (7 * 32 * 4, 4 * 32 * 4)      # training image + 6 prompts, 4 rows, 32 px scaled ×4
+    sheet = Image.open(out / "lora-vs-tlora.png").convert("RGB")
+    # training image + 6 prompts, 4 rows, 32 px tiles enlarged 4×, after a row-label band and a column-label band
+    left, top = sheet.width - 7 * 128, sheet.height - 4 * 128
+    assert left >= 100 and top >= 12
+    gray = np.asarray(sheet).mean(axis=2)
+    assert (gray[:top, left:] < 100).any() and (gray[top:, :left] < 100).any()      # the labels are drawn
     # column 1 of every row is the training image, drawn by the world itself
     world = WORLDS[demo.WORLD]
     reference = world.render(CONCEPTS[demo.WORLD][demo.CONCEPT]).resize((128, 128), Image.Resampling.NEAREST)
     for row in range(4):
-        tile = sheet.convert("RGB").crop((0, row * 128, 128, (row + 1) * 128))
+        tile = sheet.crop((left, top + row * 128, left + 128, top + (row + 1) * 128))
         assert np.array_equal(np.asarray(tile), np.asarray(reference.convert("RGB"))), row
     tlora_h = read_header(out / "T-LoRA" / "run" / "tlora.safetensors")
     lora_h = read_header(out / "LoRA" / "run" / "tlora.safetensors")
