@@ -48,7 +48,9 @@ def test_warnings_are_one_readable_note_line(first_run):
     root, rc, err, out = first_run
     assert "UserWarning" not in err and "warnings.warn" not in err
     notes = [ln for ln in err.splitlines() if ": note: " in ln]
-    assert notes and notes[0].startswith("tlora train: note: 24 layers are narrower than rank 64")
+    assert any(n.startswith("tlora train: note: 24 layers are narrower than rank 64") for n in notes), notes
+    # the default caption 'a photo of sks shape': the toy tokenizer knows neither 'photo' nor 'of'
+    assert any("does not know 'photo', 'of' in 'a photo of sks shape'" in n for n in notes), notes
 
 
 def test_generate_fills_in_braces_zero_and_notes_a_prompt_without_the_concept(first_run, capsys):

@@ -157,6 +157,16 @@ def load_denoiser(model: str):
     raise UsageError(f"{model} has no unet or transformer")
 
 
+def unknown_words(pipe, text: str) -> List[str]:
+    """The words of ``text`` the pipeline's (first) tokenizer cannot represent: they become its unknown token
+    (the toy world's small vocabulary; never for CLIP's byte-level BPE on ordinary text)."""
+    tok = getattr(pipe, "tokenizer", None)
+    unk = getattr(tok, "unk_token_id", None)
+    if tok is None or unk is None:
+        return []
+    return [w for w in dict.fromkeys(text.split()) if unk in tok(w, add_special_tokens=False).input_ids]
+
+
 def native_resolution(pipe) -> Optional[int]:
     """The image size the pipeline itself samples at by default (its denoiser's sample size × the VAE's scale, as
     diffusers' pipelines compute it): 512 for SD1.5, 1024 for SDXL and SD3, 32 for the toy world; None if unknown."""

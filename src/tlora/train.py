@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from .errors import Interrupted, UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
 from .fileio import check_output, first_line, save_png, show, write_json
 from .formats import to_official
-from .generate import contact_sheet, load_pipeline, native_resolution, sample_images
+from .generate import contact_sheet, load_pipeline, native_resolution, sample_images, unknown_words
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
 from .quantize import COMPUTE_DTYPES
@@ -331,6 +332,7 @@ def setup(cfg: TrainConfig) -> Run:
     examples = load_examples(cfg.data_dir, resolution, cfg.prompt(), cfg.one_image)
     class_examples = (load_examples(cfg.class_data_dir, resolution, f"a photo of {cfg.class_name}".strip(),
                                     what="class_data_dir") if cfg.class_data_dir else [])
+    _note_unknown_words(pipe, [e.caption for e in examples] + cfg.resolved_validation_prompts())
     tl = cfg.tlora.targets_or(family.target_module)
     try:
         network = inject(den, tl, generator=torch.Generator().manual_seed(cfg.seed))
@@ -353,6 +355,16 @@ def setup(cfg: TrainConfig) -> Run:
             raise UsageError(f"eval_clip_model / eval_dino_model: {e}") from None
     return Run(cfg, out, resume_from, folder, pipe, den, family, resolution, examples, class_examples, network,
                embedder)
+
+
+def _note_unknown_words(pipe, prompts: list) -> None:
+    """One note for captions and prompts with words the model's tokenizer cannot represent."""
+    for prompt in dict.fromkeys(prompts):
+        words = unknown_words(pipe, prompt)
+        if words:
+            warnings.warn(f"the model's tokenizer does not know {', '.join(map(repr, words[:4]))} in {prompt!r}: it "
+                          "reads them as its unknown token; write captions (a .txt beside the image, or "
+                          "prompt_template) and prompts in words it knows", stacklevel=2)
 
 
 # -- 2. cached inputs ----------------------------------------------------------------------------------------------
