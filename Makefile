@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv bench toyworld clean
+.PHONY: demo test venv bench toyworld clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e ".[test]"
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -34,6 +34,11 @@ bench: venv
 
 toyworld: venv
 	$(PY) -m benchmarks.toyworld
+
+# the versions of everything installed now (but torch and tlora itself) become the pinned set
+constraints: venv
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v -e '^torch==' -e '^tlora'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) demo-output
