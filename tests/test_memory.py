@@ -11,7 +11,7 @@ from tlora.config import TLoRAConfig
 from tlora.quantize import BasePrecision
 from tlora.tiny import build_pipeline
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "memory.md"     # the memory table lives here
 
 
 @pytest.fixture(scope="module")
