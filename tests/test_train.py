@@ -296,7 +296,10 @@ def test_two_process_cpu_run_writes_one_file_equal_across_ranks(models, data, tm
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:      # kill torchrun and its workers: none may outlive the test
+    except subprocess.TimeoutExpired:      # kill torchrun and its workers: none may outlive the test (a worker in
+        import psutil                      # a session of its own would hold the pipes open forever)
+        for child in psutil.Process(p.pid).children(recursive=True):
+            child.kill()
         os.killpg(p.pid, signal.SIGKILL)
         _, err = p.communicate()
     assert p.returncode == 0, err[-2000:]

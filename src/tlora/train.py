@@ -116,10 +116,16 @@ def _train(cfg: TrainConfig, on_grads: Optional[Callable], on_step: Optional[Cal
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     lock = RunLock(run.out) if acc.is_main_process else None          #    the output folder is this run's
     try:
-        return _loop(run, acc, on_grads, on_step)
+        final = _loop(run, acc, on_grads, on_step)
     finally:
         if lock is not None:
             lock.release()
+    # the loop's wrapped model and optimizer are gone with its frame; accelerate's references go now, while every
+    # process is still here: a DDP model torn down after its process group (or a peer) is gone can hang
+    acc.wait_for_everyone()
+    acc.free_memory()
+    acc.end_training()
+    return final
 
 
 def _loop(run: "Run", acc: Accelerator, on_grads: Optional[Callable], on_step: Optional[Callable]) -> Path:
@@ -626,5 +632,4 @@ def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
         outputs.validate(run.cfg.max_steps)
         outputs.writer.close()
     acc.wait_for_everyone()
-    acc.end_training()
     return final
