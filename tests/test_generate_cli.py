@@ -31,7 +31,13 @@ def test_generate_writes_pngs_grid_and_json(setup, tmp_path, capsys):
     assert rc == 0
     pngs = sorted(p.name for p in out.glob("0*.png"))
     assert len(pngs) == 4 and (out / "grid.png").is_file()
-    assert Image.open(out / "grid.png").size == (64, 64)
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))     # 2 × 2 tiles of 32 px enlarged 4×, labelled
+    top, left = grid.shape[0] - 2 * 128, grid.shape[1] - 2 * 128
+    assert top >= 12 and left >= 100
+    for i, name in enumerate(pngs):      # row = prompt, column = seed
+        r, c = divmod(i, 2)
+        tile = grid[top + r * 128:top + (r + 1) * 128:4, left + c * 128:left + (c + 1) * 128:4]
+        assert np.array_equal(tile, np.asarray(Image.open(out / name).convert("RGB"))), name
     rec = json.loads((out / "generate.json").read_text())
     assert rec["steps"] == 3 and rec["guidance"] == 7.5 and rec["family"] == "sd15" and rec["mask"] is True
     assert [i["seed"] for i in rec["images"]] == [5, 6, 5, 6]
