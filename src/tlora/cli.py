@@ -109,10 +109,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 def _subject(a: argparse.Namespace) -> tuple:
     """(placeholder, class) of '{0}': the flags, else what the weights were trained with, else ('sks', '')."""
     trained = {}
-    try:
-        from .weights import read_header
-        trained = read_header(a.weights).get("training", {}).get("config", {}) or {}
-    except (ValueError, OSError, AttributeError):
+    try:                # the header only: no tensor is read twice (generate loads them)
+        from .weights import parse_header, read_metadata
+        trained = parse_header(read_metadata(a.weights), a.weights).get("training", {}).get("config", {}) or {}
+    except (ValueError, OSError, AttributeError, TypeError):
         pass          # a missing or unreadable file is reported by generate itself, in its one line
     placeholder = a.placeholder if a.placeholder is not None else trained.get("placeholder") or "sks"
     class_name = a.class_name if a.class_name is not None else trained.get("class_name") or ""

@@ -22,6 +22,8 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
+import typing
 from functools import lru_cache
 from typing import Annotated, Any, Dict, Iterable, List, Literal, Optional, Tuple, Union, get_args, get_origin
 
@@ -147,7 +149,6 @@ def _specs(cls) -> Dict[str, Spec]:
 
 
 def _hints(cls) -> dict:
-    import typing
     return typing.get_type_hints(cls, include_extras=True)
 
 
@@ -239,15 +240,8 @@ def build(cls, kwargs: dict, source: Optional[str], spelled: Optional[Dict[str, 
     try:
         return cls(**kwargs)
     except SettingError as e:
-        head, _, rest = e.key.partition(".")
-        bracket = head.find("[")
-        if bracket > 0:
-            head, rest = head[:bracket], head[bracket:] + ("." + rest if rest else "")
-            rest = rest if rest.startswith("[") else rest
-            name = spelled.get(head, head) + rest
-        else:
-            name = spelled.get(head, head) + (f".{rest}" if rest else "")
-        raise e.renamed(name, source) from None
+        head = re.match(r"[^.\[]+", e.key).group(0)      # "module_algo_map['x'].rank" → "module_algo_map"
+        raise e.renamed(spelled.get(head, head) + e.key[len(head):], source) from None
 
 
 def parse(cls, data: Any, source: str, names: Optional[Dict[str, str]] = None, extra: Iterable[str] = (),
