@@ -28,7 +28,7 @@ from tlora.config import TLoRAConfig
 from tlora.families import FAMILIES, TRAINING, denoiser_of, detect
 from tlora.generate import load_pipeline
 from tlora.quantize import BasePrecision
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 from . import device_of
 

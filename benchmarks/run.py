@@ -153,7 +153,7 @@ def train_step_bench(kind: str, batch: int, repeats: int):
 def mid_pipeline():
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from tlora.tiny import clip_text, clip_tokenizer, vae
+    from tlora.testing import clip_text, clip_tokenizer, vae
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(192, 384, 768),

@@ -9,11 +9,12 @@ Each (world, concept, seed) trains LoRA and T-LoRA (ortho, sig_type last, one ru
 every lr, scoring a checkpoint every --every steps (T-LoRA also with the mask off); the base model is every
 path's step 0. Every scored point goes to the log (JSON lines); the report (markdown) and the plot (PNG) are
 computed from the log alone: text alignment at matched shape-IoU levels on each method's upper envelope
-(tlora.toyworld.tradeoff), mean ± sd over concepts × seeds.
+(research.toyworld.tradeoff), mean ± sd over concepts × seeds.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def method_order(points) -> list:
 
 def curves(points) -> dict:
     """{(world, method): [envelope per (concept, seed)]}, each path starting at its base point."""
-    from tlora.toyworld.tradeoff import upper_envelope
+    from research.toyworld.tradeoff import upper_envelope
     base = {(p["world"], p["concept"], p["seed"]): (p["shape_iou"], p["text_alignment"])
             for p in points if p["method"] == "base"}
     groups = defaultdict(list)
@@ -69,7 +70,7 @@ def _mean_sd(vals) -> str:
 
 def world_tables(points, world: str, levels) -> list:
     """Markdown for one world: base row, matched-fidelity table, best-fidelity table."""
-    from tlora.toyworld.tradeoff import matched
+    from research.toyworld.tradeoff import matched
     pts = [p for p in points if p["world"] == world]
     methods = method_order(pts)
     cv = curves(pts)
@@ -110,7 +111,7 @@ def plot(points, path: Path, levels) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tlora.toyworld.tradeoff import mean_curve
+    from research.toyworld.tradeoff import mean_curve
     worlds = sorted({p["world"] for p in points})
     cv = curves(points)
     fig, axes = plt.subplots(1, len(worlds), figsize=(6.2 * len(worlds), 5.0), squeeze=False)
@@ -172,7 +173,7 @@ def write_outputs(header, points, out: Path, plot_path: Path, levels) -> str:
     old = out.read_text() if out.exists() else ""
     reading = old.split(READING, 1)[1].lstrip("\n") if READING in old else ""
     plot(points, plot_path, levels)
-    text = report(header, points, levels, plot_path.name, reading)
+    text = report(header, points, levels, os.path.relpath(plot_path, out.parent), reading)
     tmp = out.with_suffix(".md.partial")
     tmp.write_text(text)
     tmp.replace(out)
@@ -197,13 +198,13 @@ def _parser():
     ap.add_argument("--jobs", type=int, default=2, help="paths side by side, one process each (default 2)")
     ap.add_argument("--out", default=str(HERE / "toyworld.md"))
     ap.add_argument("--log", default=str(HERE / "toyworld-points.jsonl"))
-    ap.add_argument("--plot", default=str(HERE / "toyworld.png"))
+    ap.add_argument("--plot", default=str(HERE.parent / "docs" / "toyworld-study.png"))
     ap.add_argument("--from-log", metavar="LOG", help="only rewrite the report and plot from this log")
     return ap
 
 
 def _check(ap, a) -> None:
-    from tlora.toyworld.experiment import CONCEPTS
+    from research.toyworld.study import CONCEPTS
     n = min(len(v) for v in CONCEPTS.values())
     for bad, rule in [(not 1 <= a.concepts <= n, f"--concepts must be 1..{n}"),
                       (a.seeds < 1 or a.jobs < 1, "--seeds and --jobs must be at least 1"),
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     import platform
     import warnings
     warnings.filterwarnings("ignore")
-    from tlora.toyworld.experiment import LORA, run_study, study_runs, tlora_method
+    from research.toyworld.study import run_study, study_runs
+    from tlora.toyworld.experiment import LORA, tlora_method
     methods = [LORA] + [tlora_method(r) for r in a.min_ranks]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

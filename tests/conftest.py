@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from tlora import tiny
+from tlora import testing as tiny
 
 
 def tiny_unet(cross_attention_dim=32, **kw):
-    """tlora.tiny's UNet (seeded), at sample size 8."""
+    """tlora.testing's UNet (seeded), at sample size 8."""
     return tiny.unet(cross_attention_dim=cross_attention_dim, **{"sample_size": 8, **kw})
 
 

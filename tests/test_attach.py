@@ -6,7 +6,7 @@ import torch
 import tlora
 from tlora import TLoRAConfig
 from tlora.families import FAMILIES, detect
-from tlora.tiny import build_denoiser, build_pipeline
+from tlora.testing import build_denoiser, build_pipeline
 
 from conftest import perturb
 

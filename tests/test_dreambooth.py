@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlora.tiny import build_pipeline, save_clip, save_dinov2
+from tlora.testing import build_pipeline, save_clip, save_dinov2
 
 CLASSES = "Classes\n\nsubject_name,class\nbackpack,backpack\ndog,dog\nteapot,teapot\n\nPrompts\n..."
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from tlora.cli import main
 from tlora.evaluate import LIVE_PROMPTS, OBJECT_PROMPTS, Embedder, evaluate_folder, strip_placeholder
-from tlora.tiny import save_clip, save_dinov2
+from tlora.testing import save_clip, save_dinov2
 
 
 @pytest.fixture(scope="module")

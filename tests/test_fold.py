@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import tlora
 from tlora import TLoRAConfig
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 from conftest import perturb, tiny_unet, unet_inputs
 from test_attach import TARGETS

@@ -10,7 +10,7 @@ import tlora
 from tlora import TLoRAConfig
 from tlora.cli import main
 from tlora.formats import detect_format, sgm_path
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 from conftest import OFFICIAL, official_checkpoint, perturb, tiny_unet, unet_inputs
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import tlora
 from tlora.cli import main
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 from conftest import perturb, with_flags
 

@@ -9,7 +9,7 @@ from tlora import memory
 from tlora.cli import main
 from tlora.config import TLoRAConfig
 from tlora.quantize import BasePrecision
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 README = Path(__file__).resolve().parents[1] / "docs" / "memory.md"     # the memory table lives here
 

@@ -15,7 +15,7 @@ from tlora.cli import main
 from tlora.formats import read_state
 from tlora.generate import load_pipeline
 from tlora.official import get_seed
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 from tlora.weights import network_from_state
 
 from conftest import with_flags

@@ -26,7 +26,7 @@ def test_scenes_are_deterministic_and_read_back_from_pixels():
 
 
 def test_pretraining_scenes_never_show_new_concepts():
-    from tlora.toyworld.pretrain import dataset
+    from research.toyworld.pretrain import dataset
     scenes, caps = dataset(2000, seed=0)
     assert not any(s.shape in NEW_SHAPES for s in scenes)
     assert not any(w in c for c in caps for w in NEW_SHAPES + ("sks",))
@@ -43,7 +43,7 @@ def test_aligned_iou():
 
 
 def test_tokenizer_gives_one_token_per_word():
-    from tlora.toyworld.pretrain import build_tokenizer
+    from research.toyworld.pretrain import build_tokenizer
     tok = build_tokenizer()
     cap = "a large sks shape on a blue background, at the top left"
     toks = tok.convert_ids_to_tokens(tok(cap)["input_ids"])[1:-1]
@@ -56,7 +56,7 @@ def test_tokenizer_gives_one_token_per_word():
 
 
 def test_textured_scenes_read_back_from_pixels():
-    from tlora.toyworld.textured import TexturedWorld as W
+    from research.toyworld.textured import TexturedWorld as W
     rng = random.Random(0)
     seen = set()
     for _ in range(300):
@@ -66,7 +66,7 @@ def test_textured_scenes_read_back_from_pixels():
         seen.add(s.pattern)
     assert seen == {"plain", "striped", "checked"}
     # the test prompts change every fact of the training image a copying adapter could keep
-    from tlora.toyworld.experiment import CONCEPTS
+    from research.toyworld.study import CONCEPTS
     c = CONCEPTS["textured"][0]
     for t in W.test_scenes(c, 8, seed=0):
         assert (t.shape, t.colour) == (c.shape, c.colour)
@@ -75,8 +75,8 @@ def test_textured_scenes_read_back_from_pixels():
 
 
 def test_textured_pretraining_captions_name_everything_and_fit_the_token_budget():
-    from tlora.toyworld.pretrain import build_tokenizer, dataset
-    from tlora.toyworld.textured import TexturedWorld as W
+    from research.toyworld.pretrain import build_tokenizer, dataset
+    from research.toyworld.textured import TexturedWorld as W
     scenes, caps = dataset(2000, seed=0, world=W)
     assert not any(s.shape in NEW_SHAPES for s in scenes)
     assert not any(w in c for c in caps for w in NEW_SHAPES + ("sks",))
@@ -90,8 +90,8 @@ def test_textured_pretraining_captions_name_everything_and_fit_the_token_budget(
 @pytest.mark.parametrize("world", ["flat", "textured"])
 def test_shipped_models_load_with_stock_diffusers_and_are_small(world):
     from diffusers import DiffusionPipeline
-    from tlora.toyworld.experiment import default_model
-    from tlora.toyworld.pretrain import WORLDS, world_of
+    from research.toyworld.study import default_model
+    from research.toyworld.pretrain import WORLDS, world_of
     path = default_model(world)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 20 * 2**20
@@ -129,7 +129,8 @@ def test_quick_study_runs_and_its_report_is_recomputed_from_its_log(tmp_path):
 def test_paths_side_by_side_give_the_numbers_of_one_by_one(tmp_path):
     # each of 2 workers runs cpu_count // 2 threads; one-by-one here with as many threads must give the same numbers
     import os
-    from tlora.toyworld.experiment import LORA, run_study, study_runs, tlora_method
+    from research.toyworld.study import run_study, study_runs
+    from tlora.toyworld.experiment import LORA, tlora_method
     runs = study_runs(["flat"], [1], [0], [LORA, tlora_method(1)], [5e-3], rank=4, steps=2, every=1, n_prompts=2,
                       workdir=str(tmp_path))
     threads = torch.get_num_threads()
@@ -147,7 +148,7 @@ def test_paths_side_by_side_give_the_numbers_of_one_by_one(tmp_path):
 
 def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_steps(tmp_path, capsys):
     from diffusers import DiffusionPipeline
-    from tlora.toyworld.pretrain import main
+    from research.toyworld.pretrain import main
     out = tmp_path / "tw"
     threads = torch.get_num_threads()
     try:
@@ -195,7 +196,7 @@ def test_pretraining_script_writes_a_stock_pipeline_and_reproduce_reads_its_step
                                  ["--images", "0"], ["--minutes", "0"], ["--vae-share", "1"], ["--steps", "0"],
                                  ["--vae-steps", "0"]])
 def test_pretraining_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path, capsys, bad):
-    from tlora.toyworld.pretrain import main
+    from research.toyworld.pretrain import main
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "tw"), "--vae-steps", "2", "--steps", "3"] + bad)
     err = capsys.readouterr().err
@@ -209,8 +210,8 @@ def test_pretraining_rejects_bad_numbers_in_one_line_and_writes_nothing(tmp_path
 
 def test_evaluate_prints_the_shipped_models_caption_following(capsys):
     # Done-when: the caption-following figure is printed by a command; it is the one recorded beside the weights
-    from tlora.toyworld.experiment import default_model
-    from tlora.toyworld.pretrain import main
+    from research.toyworld.study import default_model
+    from research.toyworld.pretrain import main
     assert main(["--evaluate", str(default_model())]) == 0           # 100 captions, DDIM 25 steps, guidance 3
     printed = json.loads(capsys.readouterr().out)
     recorded = json.loads((default_model() / "toyworld.json").read_text())["caption_following"]
@@ -222,8 +223,7 @@ def test_evaluate_prints_the_shipped_models_caption_following(capsys):
 def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp_path, capsys):
     from tlora import demo
     from tlora.cli import main
-    from tlora.toyworld.experiment import CONCEPTS, default_model
-    from tlora.toyworld.pretrain import WORLDS
+    from tlora.toyworld.world import CONCEPTS, FlatWorld, shipped_model
     from tlora.weights import read_header
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--rank", "4"]) == 0
@@ -239,8 +239,7 @@ def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp
     gray = np.asarray(sheet).mean(axis=2)
     assert (gray[:top, left:] < 100).any() and (gray[top:, :left] < 100).any()      # the labels are drawn
     # column 1 of every row is the training image, drawn by the world itself
-    world = WORLDS[demo.WORLD]
-    reference = world.render(CONCEPTS[demo.WORLD][demo.CONCEPT]).resize((128, 128), Image.Resampling.NEAREST)
+    reference = FlatWorld.render(CONCEPTS[demo.CONCEPT]).resize((128, 128), Image.Resampling.NEAREST)
     for row in range(4):
         tile = sheet.crop((left, top + row * 128, left + 128, top + (row + 1) * 128))
         assert np.array_equal(np.asarray(tile), np.asarray(reference.convert("RGB"))), row
@@ -249,7 +248,7 @@ def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp
     gentle_h = read_header(out / "LoRA-gentle" / "run" / "tlora.safetensors")
     assert (lora_h["training"]["config"]["learning_rate"], gentle_h["training"]["config"]["learning_rate"]) == \
         (demo.LR, demo.GENTLE_LR)
-    assert Path(tlora_h["base_model"]) == default_model(demo.WORLD)
+    assert Path(tlora_h["base_model"]) == shipped_model()
     train_cfg = tlora_h["training"]["config"]
     assert (tlora_h["variant"], tlora_h["config"]["rank"], train_cfg["max_steps"], train_cfg["learning_rate"]) == \
         ("ortho", 4, 3, demo.LR)
@@ -285,8 +284,8 @@ def test_the_published_study_follows_from_its_log_and_the_readme_quotes_it(tmp_p
     assert len(got) == len(set(got)) and set(got) == expected
     md = (root / "benchmarks" / "toyworld.md").read_text()
     readme = (root / "docs" / "toyworld.md").read_text()      # the study lives in the toy-world docs
-    assert f"Command: `{header['command']}`" in md and "![trade-off curves](toyworld.png)" in md
-    assert "benchmarks/toyworld.png" in readme
+    assert f"Command: `{header['command']}`" in md and "![trade-off curves](../docs/toyworld-study.png)" in md
+    assert "![toy-world trade-off curves](toyworld-study.png)" in readme
     for w in header["worlds"]:
         lines = world_tables(points, w, header["levels"])
         assert all(line in md.splitlines() for line in lines if line), w
@@ -294,7 +293,7 @@ def test_the_published_study_follows_from_its_log_and_the_readme_quotes_it(tmp_p
         assert len(matched) == len(methods) and all(line in readme.splitlines() for line in matched), w
     # the published plot is the one the log draws
     plot(points, tmp_path / "again.png", header["levels"])
-    a = np.asarray(Image.open(root / "benchmarks" / "toyworld.png").convert("RGB"), dtype=np.int16)
+    a = np.asarray(Image.open(root / "docs" / "toyworld-study.png").convert("RGB"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "again.png").convert("RGB"), dtype=np.int16)
     assert a.shape == b.shape and (np.abs(a - b).max(-1) > 16).mean() < 0.01
 

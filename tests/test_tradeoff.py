@@ -1,7 +1,7 @@
 """Text alignment at matched fidelity, on hand-made curves with known answers."""
 import pytest
 
-from tlora.toyworld.tradeoff import at_fidelity, matched, mean_curve, upper_envelope
+from research.toyworld.tradeoff import at_fidelity, matched, mean_curve, upper_envelope
 
 POINTS = [(0.1, 0.9), (0.2, 0.95), (0.5, 0.5), (0.4, 0.4), (0.8, 0.1), (0.8, 0.2), (0.3, 0.95)]
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 import tlora
 from tlora.cli import main
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 from tlora.train import TrainingError, train
 from tlora.trainconfig import TrainConfig, load_config
 
@@ -314,7 +314,7 @@ def test_two_process_cpu_run_writes_one_file_equal_across_ranks(models, data, tm
 
 
 def test_validation_computes_metrics_and_keeps_the_best(models, data, tmp_path):
-    from tlora.tiny import save_clip, save_dinov2
+    from tlora.testing import save_clip, save_dinov2
     save_clip(tmp_path / "clip")
     save_dinov2(tmp_path / "dino")
     cfg = cfg_for(models["sd15"], data, tmp_path / "out", max_steps=4, validation_steps=2, checkpointing_steps=2,

@@ -18,7 +18,7 @@ from PIL import Image
 import tlora
 import tlora.train
 from tlora.cli import main
-from tlora.tiny import build_pipeline
+from tlora.testing import build_pipeline
 
 from conftest import tiny_world
 

@@ -1,7 +1,7 @@
 """``tlora demo``: the main job end to end on a laptop CPU, with nothing downloaded.
 
 Uses a toy-world pipeline shipped inside the package (a stock diffusers StableDiffusionPipeline trained on
-synthetic scenes, see :mod:`tlora.toyworld`). Trains plain LoRA and T-LoRA (same rank, same steps, same lr)
+synthetic scenes, see :mod:`tlora.toyworld.world`). Trains plain LoRA and T-LoRA (same rank, same steps, same lr)
 on one image of a shape the base model never saw, then asks both to put it into other scenes, and writes a
 side-by-side grid:
 
@@ -9,7 +9,7 @@ side-by-side grid:
     row 2: LoRA, row 3: T-LoRA, both at the same lr and steps
     row 4: LoRA at a gentler lr                 (column 1: the training image)
 
-The recipe is what ``benchmarks/toyworld.md`` found: at one shared lr and step count (5e-3, 200 steps) LoRA
+The recipe is what the toy-world study (``docs/toyworld.md``) found: at one shared lr and step count (5e-3, 200 steps) LoRA
 copies the training image's background and position while T-LoRA (Rmin = R/4, the study's best) keeps
 following the prompt; at a gentler lr (2e-3) LoRA follows the prompt as well and learns as much of the shape,
 so at matched fidelity T-LoRA has no edge in the toy world.
@@ -21,22 +21,22 @@ from pathlib import Path
 from .errors import UsageError
 from .fileio import save_png
 from .generate import contact_sheet, load_pipeline
-from .toyworld.experiment import CONCEPTS, LORA, default_model, personalise, sample, score, tlora_method
-from .toyworld.pretrain import WORLDS
+from .toyworld.experiment import LORA, personalise, sample, score, tlora_method
+from .toyworld.world import CONCEPTS, FlatWorld, shipped_model
 
 # what a demo writes into its --out folder (and all ``--overwrite`` may remove there)
 OWN = ("LoRA", "T-LoRA", "LoRA-gentle", "lora-vs-tlora.png")
-WORLD, CONCEPT, RANK, LR, GENTLE_LR, STEPS = "flat", 0, 64, 5e-3, 2e-3, 200     # T-LoRA's Rmin: R / 4
+CONCEPT, RANK, LR, GENTLE_LR, STEPS = 0, 64, 5e-3, 2e-3, 200     # T-LoRA's Rmin: R / 4
 
 
 def run_demo(out: Path, steps: int = None, rank: int = RANK, n_prompts: int = 6) -> Path:
     steps = steps or STEPS
     min_rank = max(1, rank // 4)
-    model, world = default_model(WORLD), WORLDS[WORLD]
+    model, world = shipped_model(), FlatWorld
     if not (model / "model_index.json").is_file():
         raise UsageError(f"the toy-world model is missing from {model}; reinstall tlora")
     out.mkdir(parents=True, exist_ok=True)
-    concept = CONCEPTS[WORLD][CONCEPT]
+    concept = CONCEPTS[CONCEPT]
     scenes = world.test_scenes(concept, n_prompts, seed=CONCEPT)
     pipe = load_pipeline(str(model))
     reference = world.render(concept)
@@ -44,7 +44,7 @@ def run_demo(out: Path, steps: int = None, rank: int = RANK, n_prompts: int = 6)
     report = {}
     runs = (("LoRA", LORA, LR), ("T-LoRA", tlora_method(min_rank), LR), ("LoRA-gentle", LORA, GENTLE_LR))
     for label, method, lr in runs:
-        weights = personalise(model, concept, method, rank, steps, seed=0, out=out / label, lr=lr, world=world)
+        weights = personalise(model, concept, method, rank, steps, seed=0, out=out / label, world=world, lr=lr)
         images = sample(pipe, weights, scenes, world, seed=0)
         report[f"{label} (lr {lr:g})"] = score(images, scenes, concept, world)
         rows += [reference] + list(images)

@@ -29,16 +29,26 @@ from .errors import UsageError
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-# short names of the pipelines shipped inside the package → their folder under tlora/assets
-SHIPPED_MODELS = {"toyworld": "toyworld", "toyworld-textured": "toyworld-textured"}
+# short names of toy pipelines → their folder: shipped inside the package, or (the study's) in the repository only
+SHIPPED_MODELS = {"toyworld": "toyworld"}
+REPOSITORY_MODELS = {"toyworld-textured": "research/models/toyworld-textured"}
 
 
 def model_path(name: str) -> str:
     """A ``model`` argument as diffusers takes it: a shipped model's short name (``toyworld``) becomes its folder
-    inside the package; a local folder or hub id stays as it is."""
-    if name in SHIPPED_MODELS and not Path(name).exists():
+    inside the package; ``toyworld-textured`` its folder in a source checkout of tlora (it is the study's model,
+    not installed with the package); a local folder or hub id stays as it is."""
+    if Path(name).exists():
+        return name
+    if name in SHIPPED_MODELS:
         from importlib import resources
         return str(resources.files("tlora") / "assets" / SHIPPED_MODELS[name])
+    if name in REPOSITORY_MODELS:
+        folder = Path(__file__).resolve().parents[2] / REPOSITORY_MODELS[name]
+        if not (folder / "model_index.json").is_file():
+            raise UsageError(f"{name} is the toy-world study's model and is not installed with tlora; clone the "
+                             f"repository and pass its {REPOSITORY_MODELS[name]} folder")
+        return str(folder)
     return name
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -210,3 +212,15 @@ class FlatWorld:
         pairs = [(b, p) for b in bgs for p in poss]
         rng.shuffle(pairs)
         return [Scene(concept.shape, concept.colour, b, concept.size, p) for b, p in pairs[:n]]
+
+
+# the held-out concepts the demo and the study train on (one image each)
+CONCEPTS = [Scene("star", "yellow", "blue", "large", "top left"),
+            Scene("crescent", "white", "purple", "large", "bottom right"),
+            Scene("hourglass", "red", "green", "large", "top right"),
+            Scene("star", "purple", "white", "large", "bottom left")]
+
+
+def shipped_model() -> Path:
+    """The flat world's base pipeline, shipped inside the package (diffusers format; ``--model toyworld``)."""
+    return Path(str(resources.files("tlora") / "assets" / "toyworld"))

@@ -1,6 +1,7 @@
-"""Tiny, randomly initialised diffusers pipelines built offline from configs.
+"""Test support (as ``transformers.testing_utils``): tiny, randomly initialised diffusers pipelines built offline
+from configs. Not for training or generating anything real.
 
-They run a full stock pipeline call in well under a second on a CPU. The demo and the tests use them in
+They run a full stock pipeline call in well under a second on a CPU. The tests and benchmarks use them in
 place of real checkpoints, which this project never downloads; every loader in tlora is the same
 ``from_pretrained`` that real models go through (save a tiny pipeline, load it by path).
 

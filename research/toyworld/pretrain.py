@@ -1,9 +1,9 @@
 """Pretrain the toy world's base model: a stock diffusers StableDiffusionPipeline, small enough to ship.
 
-    python -m tlora.toyworld.pretrain --out DIR --vae-steps 1225 --steps 3100 --seed 0 --threads 2   # the shipped model
-    python -m tlora.toyworld.pretrain --out DIR --minutes 22     # a time budget instead of step counts
-    python -m tlora.toyworld.pretrain --out /tmp/toyworld --reproduce src/tlora/assets/toyworld   # same seed, same steps
-    python -m tlora.toyworld.pretrain --evaluate src/tlora/assets/toyworld      # caption-following figure
+    python -m research.toyworld.pretrain --out DIR --vae-steps 1225 --steps 3100 --seed 0 --threads 2   # the shipped model
+    python -m research.toyworld.pretrain --out DIR --minutes 22     # a time budget instead of step counts
+    python -m research.toyworld.pretrain --out /tmp/toyworld --reproduce src/tlora/assets/toyworld   # same seed, same steps
+    python -m research.toyworld.pretrain --evaluate src/tlora/assets/toyworld      # caption-following figure
 
 1. a BPE tokenizer over the world's words (one token per word; "sks" is in the vocabulary but never in a
    caption, as a rare token is in a real model), as a CLIPTokenizer;
@@ -34,10 +34,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..errors import OneLineParser
-from ..generate import load_pipeline
+from tlora.errors import OneLineParser
+from tlora.generate import load_pipeline
+from tlora.toyworld.world import CLASS_WORD, SHAPES, FlatWorld
+
 from .textured import TexturedWorld
-from .world import CLASS_WORD, SHAPES, FlatWorld
 
 WORLDS = {w.name: w for w in (FlatWorld, TexturedWorld)}
 
@@ -225,7 +226,7 @@ def world_of(model) -> type:
 
 
 def _parser() -> OneLineParser:
-    ap = OneLineParser(prog="python -m tlora.toyworld.pretrain",
+    ap = OneLineParser(prog="python -m research.toyworld.pretrain",
                        description="pretrain the toy world's base pipeline")
     ap.add_argument("--out", help="folder for the trained pipeline")
     ap.add_argument("--minutes", type=float, default=22.0,

@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .world import (CLASS_WORD, COLOURS, NEW_SHAPES, PLACEHOLDER, POSITIONS, SHAPES, SIZE, Measured, Scene, render,
-                    vocabulary)
+from tlora.toyworld.world import (CLASS_WORD, COLOURS, NEW_SHAPES, PLACEHOLDER, POSITIONS, SHAPES, SIZE, Measured, Scene,
+                                  render, vocabulary)
 
 PATTERNS = ("plain", "striped", "checked")
 BAND = 4                     # pixels per stripe / check
@@ -179,3 +179,10 @@ class TexturedWorld:
                     and (s.second_colour, s.second_shape) != (concept.second_colour, concept.second_shape)):
                 out.append(s)
         return out
+
+
+# the held-out concepts the study trains on (one image each)
+CONCEPTS = [TexturedScene("star", "yellow", "blue", "striped", "top left", "circle", "red", "bottom right"),
+            TexturedScene("crescent", "white", "purple", "checked", "bottom right", "square", "green", "top left"),
+            TexturedScene("hourglass", "red", "green", "striped", "top right", "triangle", "white", "bottom left"),
+            TexturedScene("star", "purple", "white", "checked", "bottom left", "diamond", "blue", "top right")]
