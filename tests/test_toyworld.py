@@ -220,41 +220,56 @@ def test_evaluate_prints_the_shipped_models_caption_following(capsys):
     assert printed["background"] >= 0.8 and printed["position"] >= 0.8     # the issue's bar
 
 
-def test_demo_trains_lora_and_tlora_on_the_shipped_model_and_writes_the_grid(tmp_path, capsys):
+SCORE = re.compile(r"^  (LoRA|T-LoRA) +text alignment ([\d.]+)  shape IoU ([\d.]+)  colour distance ([\d.]+)$", re.M)
+
+
+def test_the_demo_at_full_length_prints_the_docs_numbers_under_1_and_2_threads(tmp_path):
+    """``tlora demo`` as ``make demo`` runs it (the shipped model, the full recipe), once with 1 and once with 2
+    torch threads side by side: both print the numbers docs/demo.md quotes, and the grids agree to a pixel level."""
+    import os
+    import subprocess
+    import sys
     from tlora import demo
-    from tlora.cli import main
     from tlora.toyworld.world import CONCEPTS, FlatWorld, shipped_model
     from tlora.weights import read_header
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "3", "--rank", "4"]) == 0
-    text = capsys.readouterr().out
-    scores = re.findall(r"(LoRA|T-LoRA|LoRA-gentle) \(lr [\d.]+\)\s+text alignment ([\d.]+)\s+shape IoU ([\d.]+)\s+"
-                        r"colour distance ([\d.]+)", text)
-    assert [s[0] for s in scores] == ["LoRA", "T-LoRA", "LoRA-gentle"]
-    assert all(0.0 <= float(v) <= 1.0 for s in scores for v in s[1:])
-    sheet = Image.open(out / "lora-vs-tlora.png").convert("RGB")
-    # training image + 6 prompts, 4 rows, 32 px tiles enlarged 4×, after a row-label band and a column-label band
-    left, top = sheet.width - 7 * 128, sheet.height - 4 * 128
-    assert left >= 100 and top >= 12
-    gray = np.asarray(sheet).mean(axis=2)
+    procs = {n: subprocess.Popen([sys.executable, "-m", "tlora", "demo", "--out", str(tmp_path / f"t{n}")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(n)}) for n in (1, 2)}
+    printed = {}
+    for n, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+        printed[n] = SCORE.findall(out)
+        assert "Traceback" not in err and "UserWarning" not in err
+    quoted = SCORE.findall((Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text())
+    assert [row[0] for row in quoted] == list(demo.RUNS)
+    assert printed[1] == printed[2] == quoted
+    # the grid: labelled rows and columns, tiles enlarged to at least 64 px, the training image in column 1
+    sheets = [np.asarray(Image.open(tmp_path / f"t{n}" / "lora-vs-tlora.png").convert("RGB")) for n in (1, 2)]
+    assert sheets[0].shape == sheets[1].shape
+    assert np.abs(sheets[0].astype(int) - sheets[1]).max() <= 2
+    shown = np.asarray(Image.open(Path(__file__).resolve().parents[1] / "docs" / "demo-grid.png").convert("RGB"))
+    assert shown.shape == sheets[0].shape and np.abs(shown.astype(int) - sheets[0]).max() <= 2   # the docs' picture
+    sheet = sheets[0]
+    tile = 128
+    left, top = sheet.shape[1] - 7 * tile, sheet.shape[0] - 3 * tile
+    assert tile >= 64 and left >= 100 and top >= 12
+    gray = sheet.mean(axis=2)
     assert (gray[:top, left:] < 100).any() and (gray[top:, :left] < 100).any()      # the labels are drawn
-    # column 1 of every row is the training image, drawn by the world itself
-    reference = FlatWorld.render(CONCEPTS[demo.CONCEPT]).resize((128, 128), Image.Resampling.NEAREST)
-    for row in range(4):
-        tile = sheet.crop((left, top + row * 128, left + 128, top + (row + 1) * 128))
-        assert np.array_equal(np.asarray(tile), np.asarray(reference.convert("RGB"))), row
-    tlora_h = read_header(out / "T-LoRA" / "run" / "tlora.safetensors")
-    lora_h = read_header(out / "LoRA" / "run" / "tlora.safetensors")
-    gentle_h = read_header(out / "LoRA-gentle" / "run" / "tlora.safetensors")
-    assert (lora_h["training"]["config"]["learning_rate"], gentle_h["training"]["config"]["learning_rate"]) == \
-        (demo.LR, demo.GENTLE_LR)
-    assert Path(tlora_h["base_model"]) == shipped_model()
-    train_cfg = tlora_h["training"]["config"]
-    assert (tlora_h["variant"], tlora_h["config"]["rank"], train_cfg["max_steps"], train_cfg["learning_rate"]) == \
-        ("ortho", 4, 3, demo.LR)
-    # plain LoRA is stored as an adapter whose every rank is active at every timestep
-    assert all(m["min_rank"] == m["rank"] for m in lora_h["modules"].values())
-    assert {m["min_rank"] for m in tlora_h["modules"].values()} == {1}      # Rmin = R / 4, the study's best
+    reference = np.asarray(FlatWorld.render(CONCEPTS[demo.CONCEPT]).convert("RGB").resize((tile, tile),
+                                                                                           Image.Resampling.NEAREST))
+    for row in range(3):
+        assert np.array_equal(sheet[top + row * tile:top + (row + 1) * tile, left:left + tile], reference), row
+    # the two runs are the recipe the docs describe
+    lora_h = read_header(tmp_path / "t1" / "LoRA" / "run" / "tlora.safetensors")
+    tlora_h = read_header(tmp_path / "t1" / "T-LoRA" / "run" / "tlora.safetensors")
+    for h in (lora_h, tlora_h):
+        cfg = h["training"]["config"]
+        assert (cfg["learning_rate"], cfg["max_steps"], cfg["seed"], h["config"]["rank"]) == (demo.LR, demo.STEPS, 0,
+                                                                                               demo.RANK)
+        assert Path(h["base_model"]) == shipped_model()
+    assert all(m["min_rank"] == m["rank"] for m in lora_h["modules"].values())   # LoRA: every rank at every step
+    assert tlora_h["variant"] == "ortho" and {m["min_rank"] for m in tlora_h["modules"].values()} == {demo.RANK // 4}
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--rank", "-1"]])

@@ -337,17 +337,17 @@ def _print_estimate(model, tl, resolution, batch, checkpointing, mixed_precision
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--steps", type=int, help="training steps per adapter (default 200, the demo's recipe)")
-    p.add_argument("--rank", type=int, default=64, help="rank of all three adapters (default 64; T-LoRA's Rmin is rank / 4)")
+    p.add_argument("--rank", type=int, default=64, help="rank of both adapters (default 64; T-LoRA's Rmin is rank / 4)")
+    add_flag(p, "--seed", TrainConfig, "seed", help_extra="; training and sampling (0 gives the numbers in the docs)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (only the demo's "
                    "own files and folders go)")
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo   # trains two adapters: accelerate and the toy-world model
+    from .demo import OWN, RUNS, STEPS, run_demo   # trains two adapters: accelerate and the toy-world model
     for flag, value in (("--steps", a.steps), ("--rank", a.rank)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be at least 1")
-    from .demo import OWN
     out = check_output(a.out, "--out", folder=True)
     earlier = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if earlier and not a.overwrite:
@@ -355,10 +355,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
                          "--overwrite to replace an earlier demo there")
     if a.overwrite:
         remove_own(out, OWN)
-    sheet = run_demo(out, a.steps, a.rank)
-    print("weights:  " + ", ".join(str(Path(a.out) / r / "run" / "tlora.safetensors") for r in ("LoRA", "T-LoRA", "LoRA-gentle")))
-    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; row 4: LoRA at a gentler lr; "
-          "column 1: training image)")
+    sheet = run_demo(out, a.steps or STEPS, a.rank, a.seed)
+    print("weights:  " + ", ".join(str(Path(a.out) / r / "run" / "tlora.safetensors") for r in RUNS))
+    print(f"compare:  {sheet}  (row 1: what each prompt asks; row 2: LoRA; row 3: T-LoRA; column 1: training image)")
     return 0
 
 
