@@ -1,6 +1,7 @@
 """A newcomer's first own run: the toy model by its short name, the model's own resolution, a start summary, no
 raw warnings, no carriage-return lines in a log, and prompts written the way training wrote them."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -68,19 +69,35 @@ def test_generate_fills_in_braces_zero_and_notes_a_prompt_without_the_concept(fi
     assert json.loads((root / "g3" / "generate.json").read_text())["images"][0]["prompt"] == "a zwx toy on red"
 
 
-def test_a_config_typo_is_refused_before_the_heavy_imports(tmp_path):
-    """The config is read and checked before diffusers, accelerate, transformers or the quantization backends are
-    imported (torch itself is still imported by the settings' own modules)."""
+@pytest.mark.parametrize("config,extra,line", [
+    ({"model": "toyworld", "data_dir": ".", "max_step": 3}, [],
+     "unknown c.json key(s): 'max_step' (did you mean 'max_steps'?)"),
+    ({"model": "toyworld", "data_dir": ".", "max_steps": 3}, ["--set", "tlora.rank=0"],
+     "tlora.rank in c.json with --set must be an integer >= 1 and <= 4096, got 0"),
+    ({"model": "toyworld", "data_dir": "."}, ["--steps", "-1"],
+     "argument --steps: must be an integer >= 1 and <= 10000000, got '-1' (see --help)"),
+])
+def test_a_config_mistake_is_refused_before_torch_is_imported(tmp_path, config, extra, line):
+    """The config and the flags are read and checked before torch, diffusers, accelerate, transformers or the
+    quantization backends are imported: the modules loaded at the refusal are listed, in a fresh interpreter."""
     import subprocess
     import sys
-    (tmp_path / "c.json").write_text(json.dumps({"model": "toyworld", "data_dir": ".", "max_step": 3}))
-    code = ("import sys; from tlora.cli import main; rc = main(['train', '--config', 'c.json']); "
-            "print(rc, sorted(m for m in ('diffusers', 'accelerate', 'transformers', 'optimum.quanto', 'torchao', "
-            "'bitsandbytes') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    code = ("import sys; from tlora.cli import main; rc = main(['train', '--config', 'c.json'] + sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers', 'optimum.quanto', "
+            "'torchao', 'bitsandbytes') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *extra], cwd=tmp_path, capture_output=True, text=True)
     assert r.stdout.split("\n")[-2] == "2 []", r.stdout + r.stderr[-1000:]
-    assert r.stderr.strip().splitlines() == ["tlora train: error: unknown c.json key(s): 'max_step' (did you mean "
-                                             "'max_steps'?)"]
+    assert r.stderr.strip().splitlines() == [f"tlora train: error: {line}"]
+
+
+def test_import_tlora_does_not_import_torch_until_a_name_is_used():
+    import subprocess
+    import sys
+    code = ("import sys, tlora; a = 'torch' in sys.modules; tlora.attach; "
+            "print(a, 'torch' in sys.modules, sorted(tlora.__all__) == sorted(dir(tlora)) or set(tlora.__all__) <= set(dir(tlora)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["False", "True", "True"], r.stderr[-1000:]
 
 
 @pytest.mark.parametrize("offline", [True, False])
@@ -125,3 +142,16 @@ def test_grids_are_labelled_with_tiles_a_person_can_see(first_run):
     grid, left, top = _label_bands(root / "g4" / "grid.png", rows=2, cols=2)
     first = np.asarray(Image.open(root / "g4" / "0000-seed0.png").convert("RGB"))
     assert np.array_equal(grid[top:top + 128:4, left:left + 128:4], first)       # the tile is the image, 4× enlarged
+
+
+def test_the_lazy_names_and_the_ones_type_checkers_see_agree():
+    # tlora/__init__ names each public name twice (its owner for __getattr__, an import for type checkers and the
+    # API reference): the two lists are the same
+    import ast
+    import tlora
+    tree = ast.parse(Path(tlora.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    seen = {a.name: imp.module for imp in block.body for a in imp.names}
+    assert seen == dict(tlora._OWNERS)
+    assert all(getattr(tlora, name) is getattr(__import__(f"tlora.{mod}", fromlist=[name]), name)
+               for name, mod in seen.items())

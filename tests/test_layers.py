@@ -253,3 +253,10 @@ def test_random_init_samples_haar_frames_and_gaussian_singular_values(sig):
     # the singular values of an N(0, 1/r) 40x60 matrix lie in the Marchenko-Pastur bulk: (sqrt(60) +- sqrt(40)) / r
     assert bool((lam > (60 ** 0.5 - 40 ** 0.5) / 6 * 0.8).all() and (lam < (60 ** 0.5 + 40 ** 0.5) / 6 * 1.2).all())
     assert bool((lam[:-1] >= lam[1:]).all())
+
+
+def test_every_variant_a_config_may_name_has_its_type():
+    # config owns the words (checked before torch loads), layers the types behind them: the two agree
+    from tlora.config import VARIANTS
+    from tlora.layers import FORMS
+    assert tuple(FORMS) == VARIANTS and all(FORMS[v].name == v for v in VARIANTS)

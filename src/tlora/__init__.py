@@ -3,19 +3,40 @@
     net = tlora.inject(unet, tlora.TLoRAConfig(rank=64, min_rank=1))
     with tlora.timestep_mask(net, timesteps):          # training: per-sample masks, forward + backward
         loss = ...; loss.backward()
+
+The names below are imported when first used (as diffusers and transformers do), so ``import tlora`` and the
+command line's argument and config checks do not wait for torch.
 """
-from .config import TLoRAConfig
-from .layers import TLoRAAdapter
-from .masking import AttachHandle, attach, timestep_mask
-from .network import TLoRANetwork, inject
-from .schedule import RankSchedule, active_rank, active_ranks, rank_mask
-from .formats import load
-from .weights import save
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TLoRAConfig", "TLoRAAdapter", "TLoRANetwork", "RankSchedule",
-    "active_rank", "active_ranks", "rank_mask", "inject", "timestep_mask", "attach", "AttachHandle",
-    "save", "load",
-]
+if TYPE_CHECKING:        # what type checkers and the API reference see; at run time __getattr__ imports them
+    from .config import TLoRAConfig
+    from .formats import load
+    from .layers import TLoRAAdapter
+    from .masking import AttachHandle, attach, timestep_mask
+    from .network import TLoRANetwork, inject
+    from .schedule import RankSchedule, active_rank, active_ranks, rank_mask
+    from .weights import save
+
+# public name → the module that owns it
+_OWNERS = {
+    "TLoRAConfig": "config", "TLoRAAdapter": "layers", "TLoRANetwork": "network", "inject": "network",
+    "RankSchedule": "schedule", "active_rank": "schedule", "active_ranks": "schedule", "rank_mask": "schedule",
+    "timestep_mask": "masking", "attach": "masking", "AttachHandle": "masking", "save": "weights", "load": "formats",
+}
+__all__ = list(_OWNERS)
+
+
+def __getattr__(name: str):
+    if name in _OWNERS:
+        value = getattr(import_module(f".{_OWNERS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tlora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

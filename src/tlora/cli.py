@@ -1,5 +1,6 @@
 """``tlora`` command line: every subcommand's arguments and handler (generate, convert, inspect, train,
-evaluate, demo). Handlers import their module when they run, so ``tlora --help`` stays fast.
+evaluate, memory, settings, demo). Only the chosen subcommand's arguments are built, and handlers import their
+modules when they run: a typo in a config or a flag is refused before torch, diffusers or transformers load.
 
 Bad input is one line on stderr and exit code 2, never a traceback.
 """
@@ -18,22 +19,16 @@ from typing import List, Optional
 from PIL import Image
 from safetensors import SafetensorError
 
+from .config import TLoRAConfig
 from .errors import OneLineParser as _Parser
 from .errors import Interrupted, UsageError
-from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS, prompt_set
 from .fileio import atomic_write, check_output, first_line, remove_own, show
-from .formats import read_state, summary, write_state
-from .processors import use_pil_image_processors
-from .quantize import import_backends
-from .schedule import RankSchedule
-from .config import TLoRAConfig
 from .settings import add_flag, build, settings_table
-from .generate import GenerateSettings
 from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
-from .weights import WeightsFileError, network_from_state
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
+    from .generate import GenerateSettings
     p.add_argument("--model", help="diffusers pipeline: local folder or hub id (with --weights and --out, unless --config_path)")
     p.add_argument("--weights", help="tlora .safetensors file (schedule read from its header)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for more")
@@ -89,7 +84,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"the following arguments are required: --{', --'.join(missing)} (or --config_path for an "
                          "official run)")
-    from .generate import read_prompts_file, run_generate   # diffusers: loaded when it runs
+    from .evaluate import prompt_set
+    from .generate import GenerateSettings, read_prompts_file, run_generate   # diffusers: loaded when it runs
     placeholder, class_name = _subject(a)
     subject = f"{placeholder} {class_name}".strip()
     prompts = [p.replace("{0}", subject) for p in                   # '{0}' as in training and the official code
@@ -132,8 +128,23 @@ def _official_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("input", help="tlora, LyCORIS (algo tlora) or official T-LoRA .safetensors")
+    c.add_argument("output")
+    c.add_argument("--to", required=True, choices=["tlora", "lycoris", "official", "diffusers", "kohya"],
+                   help="official: pytorch_lora_weights.safetensors of the official repository (UNet attention)")
+    c.add_argument("--model", help="base pipeline (folder or hub id); needed to read LyCORIS files")
+    add_flag(c, "--min-rank", TLoRAConfig, "min_rank", default=None, help_extra="; for files that do not store it")
+    add_flag(c, "--exponent", TLoRAConfig, "exponent", default=None, help_extra="; for files that do not store it "
+             "(tlora_alpha / alpha_rank_scale)")
+    c.add_argument("--hparams", help="the official run's logs/hparams.yml (lora_rank, min_rank, alpha_rank_scale)")
+    c.add_argument("--at-timestep", type=float, help="plain LoRA exports: the adapter truncated to r(t)")
+
+
 def _cmd_convert(a: argparse.Namespace) -> int:
+    from .formats import read_state, write_state
     from .generate import load_denoiser   # diffusers: loaded when it runs
+    from .weights import WeightsFileError, network_from_state
     if not Path(a.input).is_file():
         raise UsageError(f"input file not found: {a.input}")
     if a.at_timestep is not None and not (0 <= a.at_timestep <= 1000):
@@ -152,7 +163,14 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_args(i: argparse.ArgumentParser) -> None:
+    i.add_argument("file")
+    i.add_argument("--plot", help="write active rank vs timestep to this PNG")
+
+
 def _cmd_inspect(a: argparse.Namespace) -> int:
+    from .formats import summary
+    from .schedule import RankSchedule
     if a.plot:
         check_output(a.plot, "--plot", folder=False, inputs=(a.file,))
     try:
@@ -268,6 +286,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from .evaluate import DEFAULT_CLIP, DEFAULT_DINO, PROMPT_SETS
     p.add_argument("--images", required=True, help="folder of images, or a tlora generate output / generate.json")
     p.add_argument("--reference", required=True, help="reference image or folder (the concept's photos)")
     p.add_argument("--prompts", nargs="+", help="prompt(s) of a plain folder: one for all images or one per image")
@@ -282,7 +301,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folder, format_table   # transformers' CLIP / DINO: loaded when it runs
+    from .evaluate import evaluate_folder, format_table, prompt_set   # transformers' CLIP / DINO: when it runs
     if a.prompt_set:
         print("\n".join(prompt_set(a.prompt_set, a.placeholder, a.class_name)))
         return 0
@@ -361,48 +380,39 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name → (help, description, arguments, handler, check before the heavy imports)
+COMMANDS = {
+    "generate": ("sample a stock pipeline with a T-LoRA attached and masked per step", None, _generate_args,
+                 _cmd_generate, None),
+    "convert": ("convert between tlora, LyCORIS, official T-LoRA, diffusers and kohya files", None, _convert_args,
+                _cmd_convert, None),
+    "inspect": ("print a weights file's format, modules, ranks, schedule and metadata", None, _inspect_args,
+                _cmd_inspect, None),
+    "train": ("train a T-LoRA (tlora JSON, SimpleTuner config.json, or official flags)",
+              "Train a T-LoRA. Give --config FILE (tlora or SimpleTuner JSON) with optional --set key=value, or the "
+              "official repository's flags.", _train_args, _cmd_train, _check_train),
+    "evaluate": ("IS, DINO-IS and TS of generated images (the paper's metrics)", None, _evaluate_args, _cmd_evaluate,
+                 None),
+    "memory": ("expected training memory from a model's config (meta device, no weights)",
+               "Expected peak memory of one training step: frozen weights (at the base precision), adapter, "
+               "gradients, optimizer state and saved activations, from the denoiser's config on the meta device; "
+               "nothing is downloaded but the config, nothing allocated.", _memory_args, _cmd_memory, None),
+    "settings": ("every training setting: type, range, default, SimpleTuner / LyCORIS / official names (markdown)",
+                 None, lambda p: None, lambda a: print(settings_table()), None),
+    "demo": ("LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)", None, _demo_args, _cmd_demo, None),
+}
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``tlora`` parser. ``only``: build that subcommand's arguments alone (the others keep their name and
+    help), so parsing one command imports only what its flags need; None: every subcommand."""
     parser = _Parser(prog="tlora", description="T-LoRA: timestep-dependent LoRA for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="sample a stock pipeline with a T-LoRA attached and masked per step")
-    _generate_args(g)
-    g.set_defaults(func=_cmd_generate)
-    c = sub.add_parser("convert", help="convert between tlora, LyCORIS, official T-LoRA, diffusers and kohya files")
-    c.add_argument("input", help="tlora, LyCORIS (algo tlora) or official T-LoRA .safetensors")
-    c.add_argument("output")
-    c.add_argument("--to", required=True, choices=["tlora", "lycoris", "official", "diffusers", "kohya"],
-                   help="official: pytorch_lora_weights.safetensors of the official repository (UNet attention)")
-    c.add_argument("--model", help="base pipeline (folder or hub id); needed to read LyCORIS files")
-    add_flag(c, "--min-rank", TLoRAConfig, "min_rank", default=None, help_extra="; for files that do not store it")
-    add_flag(c, "--exponent", TLoRAConfig, "exponent", default=None, help_extra="; for files that do not store it "
-             "(tlora_alpha / alpha_rank_scale)")
-    c.add_argument("--hparams", help="the official run's logs/hparams.yml (lora_rank, min_rank, alpha_rank_scale)")
-    c.add_argument("--at-timestep", type=float, help="plain LoRA exports: the adapter truncated to r(t)")
-    c.set_defaults(func=_cmd_convert)
-    i = sub.add_parser("inspect", help="print a weights file's format, modules, ranks, schedule and metadata")
-    i.add_argument("file")
-    i.add_argument("--plot", help="write active rank vs timestep to this PNG")
-    i.set_defaults(func=_cmd_inspect)
-    t = sub.add_parser("train", help="train a T-LoRA (tlora JSON, SimpleTuner config.json, or official flags)",
-                       description="Train a T-LoRA. Give --config FILE (tlora or SimpleTuner JSON) with optional "
-                                   "--set key=value, or the official repository's flags.")
-    _train_args(t)
-    t.set_defaults(func=_cmd_train, check=_check_train)
-    e = sub.add_parser("evaluate", help="IS, DINO-IS and TS of generated images (the paper's metrics)")
-    _evaluate_args(e)
-    e.set_defaults(func=_cmd_evaluate)
-    m = sub.add_parser("memory", help="expected training memory from a model's config (meta device, no weights)",
-                       description="Expected peak memory of one training step: frozen weights (at the base "
-                       "precision), adapter, gradients, optimizer state and saved activations, from the denoiser's "
-                       "config on the meta device; nothing is downloaded but the config, nothing allocated.")
-    _memory_args(m)
-    m.set_defaults(func=_cmd_memory)
-    st = sub.add_parser("settings", help="every training setting: type, range, default, SimpleTuner / LyCORIS / "
-                        "official names (markdown)")
-    st.set_defaults(func=lambda a: print(settings_table()))
-    d = sub.add_parser("demo", help="LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)")
-    _demo_args(d)
-    d.set_defaults(func=_cmd_demo)
+    for name, (help_text, description, add_args, func, check) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=description)
+        if only is None or only == name:
+            add_args(p)
+        p.set_defaults(func=func, **({"check": check} if check else {}))
     return parser
 
 
@@ -438,7 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:          # --help (0) or a bad argument (2, its one line already printed): a code
@@ -492,6 +502,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _heavy_imports() -> None:
     """After the arguments and a command's config are checked (a typo never waits for them), before the work:
     the quantization backends (their import notices muted), diffusers and transformers without loading bars."""
+    from .processors import use_pil_image_processors
+    from .quantize import import_backends
     import_backends()
     use_pil_image_processors()   # imports diffusers or transformers: their quantization backends' import notices
     import diffusers

@@ -17,9 +17,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 
 from . import settings as S
-from .functional import SIG_TYPES, SVD_METHODS
-from .layers import INITS, VARIANTS
 from .settings import SettingError, setting
+
+# the words a config may use for the adapter's form and init; the types behind them live in layers / functional
+VARIANTS = ("vanilla", "ortho")               # layers.FORMS: one type per variant
+INITS = ("random", "weight")
+SIG_TYPES = ("principal", "last", "middle")   # functional.select_triplets
+SVD_METHODS = ("auto", "exact")
 
 # per-module overrides allowed in module_algo_map
 OVERRIDE_KEYS = ("rank", "alpha", "variant", "min_rank", "exponent", "init", "sig_type", "svd")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from .errors import UsageError
 
 
@@ -13,6 +11,7 @@ def check_device(name: Optional[str], what: str = "--device") -> Optional[str]:
     None stays None (the library's own choice). UsageError in one line otherwise."""
     if name is None:
         return None
+    import torch     # here, not at the top: a config is checked before torch is imported
     if not isinstance(name, str):
         raise UsageError(f"{what} must be a device name such as cpu or cuda, got {name!r}")
     try:

@@ -9,8 +9,9 @@ from typing import Literal, Optional
 
 import torch
 
+from .config import SIG_TYPES, SVD_METHODS
+
 SigType = Literal["principal", "last", "middle"]
-SIG_TYPES = ("principal", "last", "middle")
 
 
 def select_triplets(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, sig_type: str):
@@ -32,9 +33,6 @@ def select_triplets(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: in
     else:
         raise ValueError(f"sig_type must be one of {SIG_TYPES}, got {sig_type!r}")
     return vh[sl].contiguous(), u[:, sl].contiguous(), s[sl].contiguous()
-
-
-SVD_METHODS = ("auto", "exact")
 
 
 def _haar_frame(n: int, r: int, generator, device) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as Fn
+from .config import INITS, SIG_TYPES, VARIANTS
 from .quantize import dense_weight, is_quantized
 from .schedule import RankSchedule
 
-INITS = ("random", "weight")
 ADAPTER_ATTR = "tlora_adapter"
 QUANTIZED_MERGE = ("cannot merge into a quantized base weight (int8 / nf4): load the base unquantized "
                    "(base_precision no) to merge, or keep the adapter attached")
@@ -146,8 +146,7 @@ class Ortho(Variant):
         return Fn.orthogonality_loss(t["q"].reshape(rank, -1), t["p"].reshape(t["p"].shape[0], -1))
 
 
-FORMS = {v.name: v for v in (Vanilla(), Ortho())}     # variant name → its type
-VARIANTS = tuple(FORMS)
+FORMS = {v.name: v for v in (Vanilla(), Ortho())}     # variant name (config.VARIANTS) → its type
 
 
 class TLoRAAdapter(nn.Module):
@@ -171,8 +170,8 @@ class TLoRAAdapter(nn.Module):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if sig_type not in Fn.SIG_TYPES:
-            raise ValueError(f"sig_type must be one of {Fn.SIG_TYPES}, got {sig_type!r}")
+        if sig_type not in SIG_TYPES:
+            raise ValueError(f"sig_type must be one of {SIG_TYPES}, got {sig_type!r}")
         self.schedule = RankSchedule(rank, min_rank, float(exponent), num_train_timesteps)
         self.rank, self.variant, self.init, self.sig_type, self.svd = rank, variant, init, sig_type, svd
         self.alpha = float(rank if alpha is None or alpha == 0 else alpha)

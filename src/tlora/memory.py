@@ -40,7 +40,7 @@ from .errors import UsageError
 from .fileio import first_line, looks_like_hub_id, model_path
 from .families import FAMILIES, TRAINING, detect
 from .network import inject
-from .quantize import COMPUTE_DTYPES, BasePrecision
+from .quantize import BasePrecision, compute_dtype_of
 
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}   # what each pipeline's encode_prompt returns
 CONFIGS = Path(__file__).parent / "assets" / "configs"
@@ -292,7 +292,7 @@ def _counting(saved: SavedTensors, frozen: set, keeps: Optional[str]):
 def weight_bytes(den: nn.Module, mixed_precision: str, base: BasePrecision) -> int:
     """The frozen denoiser's parameters and buffers at the run's dtype, quantized linear weights at their backend's
     storage (adapters excluded)."""
-    c = COMPUTE_DTYPES[mixed_precision].itemsize
+    c = compute_dtype_of(mixed_precision).itemsize
     bp = base.resolved()
     quantized = {id(m.weight) for m in den.modules() if isinstance(m, nn.Linear)} if bp.quantized else set()
     total = 0
@@ -319,7 +319,7 @@ def estimate(config: dict, tlora: TLoRAConfig, resolution: Optional[int] = None,
              text_tokens: Optional[int] = None) -> Estimate:
     """The expected peak of one training step of ``config``'s denoiser (module docstring); nothing is allocated.
     ``resolution`` None: the family's native resolution."""
-    dtype = COMPUTE_DTYPES[mixed_precision]
+    dtype = compute_dtype_of(mixed_precision)
     den = _cast(meta_denoiser(config), dtype)
     family = detect(den).name
     if family not in TEXT_TOKENS:

@@ -34,12 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn as nn
-
 from .errors import UsageError
 
-COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # mixed_precision → dtype
+# torch is imported where a tensor or a device is asked about, not here: a config naming a precision is checked
+# before torch is imported
 PRECISIONS = ("no", "int8", "nf4")
 BACKENDS = ("torchao", "quanto", "bitsandbytes")
 DEFAULT_BACKEND = {"int8": "quanto", "nf4": "bitsandbytes"}
@@ -100,8 +98,9 @@ class BasePrecision:
                              f"diffusers' bitsandbytes integration refuses the CPU{other}")
         return bp
 
-    def diffusers_config(self, compute_dtype: torch.dtype = torch.float32):
-        """The diffusers ``quantization_config`` of one model (None when not quantized)."""
+    def diffusers_config(self, compute_dtype=None):
+        """The diffusers ``quantization_config`` of one model (None when not quantized); ``compute_dtype``: a
+        torch dtype, float32 when None."""
         bp = self.resolved()
         if bp.backend == "torchao":
             from diffusers import TorchAoConfig
@@ -115,10 +114,10 @@ class BasePrecision:
             if bp.precision == "int8":
                 return BitsAndBytesConfig(load_in_8bit=True)
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=compute_dtype)
+                                      bnb_4bit_compute_dtype=compute_dtype or compute_dtype_of("no"))
         return None
 
-    def pipeline_config(self, component: str, compute_dtype: torch.dtype = torch.float32):
+    def pipeline_config(self, component: str, compute_dtype=None):
         """A diffusers ``PipelineQuantizationConfig`` quantizing only ``component`` (the denoiser)."""
         from diffusers.quantizers import PipelineQuantizationConfig
         return PipelineQuantizationConfig(quant_mapping={component: self.diffusers_config(compute_dtype)})
@@ -136,6 +135,7 @@ def _installed(backend: str) -> bool:
 
 
 def _has_gpu() -> bool:
+    import torch
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
         torch.backends.mps.is_available()
 
@@ -170,25 +170,35 @@ def import_backends() -> None:
 
 
 # -- quantized layers ------------------------------------------------------------------------------------------
-def is_quantized(layer: nn.Module) -> bool:
+def compute_dtype_of(mixed_precision: str):
+    """The torch dtype a ``mixed_precision`` setting (no / bf16 / fp16) computes in."""
+    import torch
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def is_quantized(layer) -> bool:
     """Whether the layer's weight is stored quantized (torchao / quanto tensor subclass, bitsandbytes params)."""
+    import torch
     w = getattr(layer, "weight", None)
-    return w is not None and (type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point())
+    return w is not None and (type(w) not in (torch.Tensor, torch.nn.Parameter) or not w.is_floating_point())
 
 
-def weight_shape(layer: nn.Module) -> torch.Size:
-    """The weight's logical shape (out, in[, kh, kw]); bitsandbytes 4-bit packs its storage into (n, 1)."""
+def weight_shape(layer):
+    """The weight's logical shape (out, in[, kh, kw]), a ``torch.Size``; bitsandbytes 4-bit packs its storage
+    into (n, 1)."""
+    import torch
     w = layer.weight
     state = getattr(w, "quant_state", None)
     return torch.Size(state.shape) if state is not None else w.shape
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
+def dense_weight(layer):
     """The weight as a plain float tensor of :func:`weight_shape` (the weight itself when not quantized; a
     dequantized copy otherwise), e.g. for the SVD of an ortho init."""
     w = layer.weight
     if not is_quantized(layer):
         return w
+    import torch
     with torch.no_grad():
         if getattr(w, "quant_state", None) is not None:                  # bitsandbytes 4-bit
             import bitsandbytes.functional as bnbf
@@ -201,6 +211,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"cannot read the quantized weight of {type(layer).__name__} ({type(w).__name__})")
 
 
-def quantized_layers(model: nn.Module) -> list:
+def quantized_layers(model) -> list:
     """Paths of the model's quantized layers."""
+    from torch import nn
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and is_quantized(m)]

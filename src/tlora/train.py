@@ -39,7 +39,7 @@ from .formats import to_official
 from .generate import contact_sheet, load_pipeline, native_resolution, sample_images, unknown_words
 from .masking import attach, timestep_mask
 from .network import TLoRANetwork, inject
-from .quantize import COMPUTE_DTYPES
+from .quantize import compute_dtype_of
 from .trainconfig import TrainConfig
 
 
@@ -430,7 +430,7 @@ def _optimizer_class(name: str):
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     """The frozen denoiser's compute dtype (``mixed_precision``); adapters stay float32."""
-    return COMPUTE_DTYPES[cfg.mixed_precision]
+    return compute_dtype_of(cfg.mixed_precision)
 
 
 def prepare_training(run: Run, acc: Accelerator) -> Optimization:
