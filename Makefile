@@ -41,7 +41,7 @@ toyworld: venv
 
 # the versions of everything installed now (but torch and tlora itself) become the pinned set
 constraints: venv
-	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v -e '^torch==' -e '^tlora'; } > constraints.tmp
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v -e '^torch==' -e '^tlora' -e '^#'; } > constraints.tmp
 	mv constraints.tmp constraints.txt
 
 clean:

@@ -355,7 +355,7 @@ def _print_estimate(model, tl, resolution, batch, checkpointing, mixed_precision
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--steps", type=int, help="training steps per adapter (default 200, the demo's recipe)")
+    p.add_argument("--steps", type=int, help="training steps per adapter (default 100, the demo's recipe)")
     p.add_argument("--rank", type=int, default=64, help="rank of both adapters (default 64; T-LoRA's Rmin is rank / 4)")
     add_flag(p, "--seed", TrainConfig, "seed", help_extra="; training and sampling (0 gives the numbers in the docs)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (only the demo's "

@@ -23,7 +23,7 @@ from .generate import contact_sheet, load_pipeline
 from .toyworld.experiment import LORA, personalise, sample, score, tlora_method
 from .toyworld.world import CONCEPTS, FlatWorld, shipped_model
 
-CONCEPT, RANK, LR, STEPS, PROMPTS = 0, 64, 3e-3, 200, 6       # T-LoRA's Rmin: R / 4
+CONCEPT, RANK, LR, STEPS, PROMPTS = 0, 64, 3e-3, 100, 6       # T-LoRA's Rmin: R / 4
 RUNS = ("LoRA", "T-LoRA")
 # what a demo writes into its --out folder, and all ``--overwrite`` may remove there ("LoRA-gentle": a row of
 # earlier versions of the demo)
