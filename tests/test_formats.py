@@ -262,3 +262,28 @@ def test_unknown_format_and_no_matching_module_are_one_line_exit_2(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not have" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_kohya_export_carries_kohyas_ss_metadata_with_the_runs_values(tmp_path):
+    # what A1111's, Forge's and Civitai's info panels read: base model, dim / alpha, resolution, steps, trigger words
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 180, 40)).save(tmp_path / "star.png")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "toyworld", "--image", str(tmp_path / "star.png"), "--placeholder", "sks",
+                 "--class", "shape", "--steps", "2", "--out", str(run), "--set", "tlora.rank=8",
+                 "--set", "tlora.min_rank=2", "--set", "learning_rate=0.0005"]) == 0
+    out = tmp_path / "my-star.safetensors"
+    assert main(["convert", str(run / "tlora.safetensors"), str(out), "--to", "kohya"]) == 0
+    meta = __import__("safetensors").safe_open(str(out), "pt").metadata()
+    sd = load_file(str(out))
+    assert {int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")} == {16}   # ortho: 2 × rank
+    assert {k: meta[k] for k in ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                                 "ss_resolution", "ss_max_train_steps", "ss_output_name", "ss_sd_model_name",
+                                 "ss_learning_rate", "ss_seed")} == {
+        "ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora", "ss_network_dim": "16",
+        "ss_network_alpha": "16.0", "ss_resolution": "(32, 32)", "ss_max_train_steps": "2",
+        "ss_output_name": "my-star", "ss_sd_model_name": "toyworld", "ss_learning_rate": "0.0005", "ss_seed": "0"}
+    assert json.loads(meta["ss_tag_frequency"]) == {tmp_path.name: {"sks shape": 1}}
+    assert json.loads(meta["tlora_export"])["schedule"] == {"rank": 8, "min_rank": 2, "exponent": 1.0,
+                                                            "num_train_timesteps": 1000}
+    assert all(isinstance(v, str) for v in meta.values())

@@ -69,6 +69,7 @@ class Family:
     resolution: int               # native resolution
     kohya_prefix: str = "lora_unet_"   # kohya LoRA key prefix (ComfyUI / A1111 / Forge)
     sgm_names: bool = False            # kohya keys in SGM block names (input_blocks.4.1…) instead of diffusers paths
+    kohya_version: str = ""            # kohya's ss_base_model_version (what A1111, Forge and Civitai read)
 
     @property
     def training(self):
@@ -81,13 +82,16 @@ class Family:
 
 
 FAMILIES = {f.name: f for f in (
-    Family("sd15", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 7.5, 512),
-    Family("sdxl", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 5.0, 1024, sgm_names=True),
-    Family("sd3", "SD3Transformer2DModel", "transformer", 1.0, "flow", ("Attention",), 7.0, 1024, "lora_transformer_"),
+    Family("sd15", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 7.5, 512, kohya_version="sd_v1"),
+    Family("sdxl", "UNet2DConditionModel", "unet", 1.0, "ddpm", ("Attention",), 5.0, 1024, sgm_names=True,
+           kohya_version="sdxl_base_v1-0"),
+    Family("sd3", "SD3Transformer2DModel", "transformer", 1.0, "flow", ("Attention",), 7.0, 1024, "lora_transformer_",
+           kohya_version="sd3"),
     Family("flux", "FluxTransformer2DModel", "transformer", 1000.0, "flow", ("FluxAttention",), 3.5, 1024,
-           "lora_transformer_"),
+           "lora_transformer_", kohya_version="flux1"),
     Family("flux2", "Flux2Transformer2DModel", "transformer", 1000.0, "flow",
-           ("Flux2Attention", "Flux2FeedForward", "Flux2ParallelSelfAttention"), 4.0, 1024, "lora_transformer_"),
+           ("Flux2Attention", "Flux2FeedForward", "Flux2ParallelSelfAttention"), 4.0, 1024, "lora_transformer_",
+           kohya_version="flux2"),
 )}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 from . import functional as Fn
 from .config import TLoRAConfig
 from .families import FAMILIES
-from .fileio import read_mapping
+from .fileio import looks_like_hub_id, read_mapping
 from .layers import FORMS
 from .network import TLoRANetwork
 from .quantize import dense_weight
@@ -385,9 +386,10 @@ def sgm_path(path: str, layers_per_block: int) -> str:
 
 
 def to_kohya(tensors: Tensors, header: dict, at_timestep: Optional[float] = None,
-             layers_per_block: Optional[int] = None) -> Tuple[Tensors, Dict[str, str]]:
+             layers_per_block: Optional[int] = None, output_name: str = "") -> Tuple[Tensors, Dict[str, str]]:
     """kohya keys with ``.alpha`` tensors (= rank, the scale is folded into lora_up). SDXL uses SGM block
-    names (what ComfyUI, A1111 and Forge read); other UNets keep diffusers names; DiTs use lora_transformer_."""
+    names (what ComfyUI, A1111 and Forge read); other UNets keep diffusers names; DiTs use lora_transformer_.
+    The metadata carries kohya's ``ss_*`` keys (:func:`kohya_metadata`)."""
     fam = FAMILIES.get(header.get("family"))            # unknown family: diffusers paths under lora_unet_
     sgm = fam is not None and fam.sgm_names
     if sgm:
@@ -399,7 +401,39 @@ def to_kohya(tensors: Tensors, header: dict, at_timestep: Optional[float] = None
         name = prefix + (sgm_path(path, layers_per_block) if sgm else path).replace(".", "_")
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    return out, {"tlora_export": _export_note(header, at_timestep), "ss_network_module": "networks.lora"}
+    return out, {"tlora_export": _export_note(header, at_timestep), **kohya_metadata(header, out, output_name)}
+
+
+def kohya_metadata(header: dict, out: Tensors, output_name: str = "") -> Dict[str, str]:
+    """The ``ss_*`` keys kohya's ``train_network.py`` writes, as strings, from a native header and the exported
+    tensors: what A1111's, Forge's and Civitai's info panels show (base model, network dim / alpha, resolution,
+    steps, the trigger words as tag frequency). Keys the file cannot know (a converted LyCORIS or official file
+    has no training record) are left out; a local base model path is reduced to its folder name."""
+    dims = [int(t.shape[0]) for k, t in out.items() if k.endswith(".lora_down.weight")]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(dims, default=0)),
+            "ss_network_alpha": str(float(max(dims, default=0))),     # the .alpha tensors: rank, scale folded in
+            "ss_training_comment": "T-LoRA (tlora); plain LoRA export, timestep mask dropped: see tlora_export"}
+    fam = FAMILIES.get(header.get("family"))
+    if fam is not None and fam.kohya_version:
+        meta["ss_base_model_version"] = fam.kohya_version
+    if header.get("base_model"):
+        base = str(header["base_model"])
+        meta["ss_sd_model_name"] = base if looks_like_hub_id(base) else Path(base).name
+    if output_name:
+        meta["ss_output_name"] = output_name
+    training = header.get("training") or {}
+    cfg = training.get("config") or {}
+    if cfg:
+        res = training.get("resolution") or cfg.get("resolution")
+        trigger = " ".join(str(w) for w in (cfg.get("placeholder"), cfg.get("class_name")) if w)
+        meta.update({"ss_max_train_steps": str(cfg.get("max_steps")), "ss_learning_rate": str(cfg.get("learning_rate")),
+                     "ss_seed": str(cfg.get("seed")), "ss_lr_scheduler": str(cfg.get("lr_scheduler")),
+                     "ss_mixed_precision": str(cfg.get("mixed_precision"))})
+        if res:
+            meta["ss_resolution"] = f"({res}, {res})"
+        if trigger:
+            meta["ss_tag_frequency"] = json.dumps({Path(str(cfg.get("data_dir") or "data")).name: {trigger: 1}})
+    return meta
 
 
 def read_state(path, model: Optional[nn.Module] = None, min_rank: Optional[int] = None,
@@ -453,7 +487,7 @@ def write_state(fmt: str, tensors: Tensors, header: dict, path, at_timestep: Opt
         raise ValueError(f"--at-timestep applies to plain LoRA exports (diffusers, kohya), not to {fmt}")
     writers = {"lycoris": lambda: to_lycoris(tensors, header), "official": lambda: to_official(tensors, header),
                "diffusers": lambda: to_diffusers(tensors, header, at_timestep),
-               "kohya": lambda: to_kohya(tensors, header, at_timestep)}
+               "kohya": lambda: to_kohya(tensors, header, at_timestep, output_name=Path(path).stem)}
     if fmt not in writers:
         raise ValueError(f"unknown output format {fmt!r}; choose one of tlora, lycoris, official, diffusers, kohya")
     out, meta = writers[fmt]()
