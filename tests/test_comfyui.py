@@ -330,7 +330,7 @@ def workflow(loras):
     load_node_package()
     TinyCheckpoint.made = tiny_checkpoint()
     register_test_node("tiny checkpoint (tests)", TinyCheckpoint)
-    wf = json.loads((NODE_PACKAGE / "workflows" / "tlora-sdxl-api.json").read_text())
+    wf = json.loads((NODE_PACKAGE.parent / "example_workflows" / "tlora-sdxl-api.json").read_text())
     assert wf["1"]["class_type"] == "CheckpointLoaderSimple"
     wf["1"]["class_type"] = "tiny checkpoint (tests)"
     wf["5"]["inputs"].update(width=64, height=64)

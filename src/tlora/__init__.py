@@ -7,12 +7,16 @@
 The names below are imported when first used (as diffusers and transformers do), so ``import tlora`` and the
 command line's argument and config checks do not wait for torch.
 """
-from importlib import import_module
+from importlib import import_module, metadata
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+try:                      # the one place of the version is pyproject.toml
+    __version__ = metadata.version("tlora")
+except metadata.PackageNotFoundError:     # running from a source tree that is not installed (a ComfyUI clone)
+    __version__ = "unknown"
 
 if TYPE_CHECKING:        # what type checkers and the API reference see; at run time __getattr__ imports them
+    # ruff: noqa: F401
     from .config import TLoRAConfig
     from .formats import load
     from .layers import TLoRAAdapter

@@ -23,6 +23,7 @@ from .config import TLoRAConfig
 from .errors import OneLineParser as _Parser
 from .errors import Interrupted, UsageError
 from .fileio import atomic_write, check_output, first_line, remove_own, show
+from .hub import HubError
 from .settings import add_flag, build, settings_table
 from .trainconfig import OFFICIAL_FLAGS, TrainConfig, load_config
 
@@ -209,7 +210,7 @@ def _plot(scheds, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'tlora[plot]'") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (the plot extra)") from None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for s in scheds:
         ts = list(range(0, s.num_train_timesteps + 1, max(1, s.num_train_timesteps // 500)))
@@ -353,6 +354,33 @@ def _print_estimate(model, tl, resolution, batch, checkpointing, mixed_precision
     return 0
 
 
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's output folder (tlora.safetensors in it)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub model repository, user-or-org/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default="Upload T-LoRA (tlora push)", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list what would be sent, with sizes and hashes; send "
+                   "nothing (no token needed)")
+
+
+def _cmd_push(a: argparse.Namespace) -> int:
+    from . import hub
+    hub.check_repo_id(a.repo_id)
+    plan = hub.upload_plan(a.run_dir)
+    if not a.dry_run:
+        hub.token()                 # no token: one line before anything is hashed
+    ops = hub.operations(plan)
+    for op, (_, src) in zip(ops, plan):
+        origin = "made for the upload" if isinstance(src, bytes) else show(src)
+        print(f"{op.path_in_repo:<34} {op.upload_info.size:>12,} B  sha256 {op.upload_info.sha256.hex()[:12]}  "
+              f"{origin}")
+    if a.dry_run:
+        print(f"dry run: {len(ops)} files would go to https://huggingface.co/{a.repo_id}; nothing was sent")
+        return 0
+    print(f"pushed {len(ops)} files: {hub.push(plan, a.repo_id, a.private, a.message)}")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--steps", type=int, help="training steps per adapter (default 100, the demo's recipe)")
@@ -399,6 +427,8 @@ COMMANDS = {
                "nothing is downloaded but the config, nothing allocated.", _memory_args, _cmd_memory, None),
     "settings": ("every training setting: type, range, default, SimpleTuner / LyCORIS / official names (markdown)",
                  None, lambda p: None, lambda a: print(settings_table()), None),
+    "push": ("upload a finished run's weights, model card and samples to the Hugging Face Hub", None, _push_args,
+             _cmd_push, None),
     "demo": ("LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)", None, _demo_args, _cmd_demo, None),
 }
 
@@ -468,6 +498,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         say("error", str(e))
         return 2
+    except HubError as e:            # the Hub refused or could not be reached: not the input's fault
+        say("failed", str(e))
+        return 1
     except Interrupted as e:
         say("stopped", f"{e}; continue with: {_resume_command(argv)}")
         return 128 + e.signum

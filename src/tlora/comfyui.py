@@ -400,7 +400,7 @@ def schedule_image(rows: List[dict]) -> torch.Tensor:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise TLoRAComfyError("the schedule image needs matplotlib: pip install 'tlora[comfyui]'") from None
+        raise TLoRAComfyError("the schedule image needs matplotlib: pip install -r requirements.txt of the tlora node (or pip install matplotlib)") from None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [r["step"] for r in rows]
     for name in rows[0]["ranks"]:

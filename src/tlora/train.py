@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import official, weights
+from . import card, official, weights
 from .data import batch_indices, check_images, find_images, load_examples, to_rgb
 from .errors import Interrupted, UsageError
 from .families import SHARED, TRAINING, Family, TrainingSpec, denoiser_of, detect
@@ -44,7 +44,8 @@ from .trainconfig import TrainConfig
 
 
 # what a run writes at the top of its output folder (besides checkpoint-N/, samples/, logs/)
-WRITES = ("tlora.safetensors", "tlora-best.safetensors", "best.json", "config.resolved.json", ".tlora.lock")
+WRITES = ("tlora.safetensors", "tlora-best.safetensors", "best.json", "config.resolved.json", ".tlora.lock",
+          card.CARD_NAME)
 
 
 class TrainingError(RuntimeError):
@@ -619,7 +620,8 @@ def train_step(run: Run, data: Cached, opt: Optimization, acc: Accelerator, step
 
 # -- 6. the end -------------------------------------------------------------------------------------------------------
 def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
-    """The final weights, the resolved config, each process's weights digest and a last validation."""
+    """The final weights, the resolved config, each process's weights digest, a last validation and the model
+    card (README.md)."""
     final = run.out / "tlora.safetensors"
     digests = acc.gather_for_metrics([_digest(run.network)], use_gather_object=True) \
         if acc.num_processes > 1 else [_digest(run.network)]
@@ -631,5 +633,8 @@ def finish(run: Run, acc: Accelerator, outputs: Outputs) -> Path:
                    run.out / "logs" / "ranks.json")
         outputs.validate(run.cfg.max_steps)
         outputs.writer.close()
+        if card.write_card(weights.read_header(final), run.out, run.cfg) is None:
+            warnings.warn(f"{show(run.out)} holds a {card.CARD_NAME} that is not tlora's; it is kept and no model "
+                          "card was written (tlora push writes one into the upload)")
     acc.wait_for_everyone()
     return final
