@@ -31,6 +31,17 @@ def comfyui_path():
     return None
 
 
+def required_comfyui_path() -> Path:
+    """:func:`comfyui_path`, or the test skips with the reason (fails when $TLORA_REQUIRE_COMFYUI is set)."""
+    path = comfyui_path()
+    if path is None:
+        reason = "ComfyUI not found: set COMFYUI_PATH or put a ComfyUI checkout at ../shared/ComfyUI"
+        if os.environ.get("TLORA_REQUIRE_COMFYUI"):
+            pytest.fail(reason + " (TLORA_REQUIRE_COMFYUI is set: CI must run these tests)")
+        pytest.skip(reason)
+    return path
+
+
 def _torchvision_stub():
     """The folder of an empty torchvision package put on sys.path, or None when the real one imports."""
     try:
@@ -59,12 +70,7 @@ def comfyui():
     """ComfyUI's ``nodes`` module, with ``comfy`` importable and running on CPU."""
     if "nodes" in _state:
         return _state["nodes"]
-    path = comfyui_path()
-    if path is None:
-        reason = "ComfyUI not found: set COMFYUI_PATH or put a ComfyUI checkout at ../shared/ComfyUI"
-        if os.environ.get("TLORA_REQUIRE_COMFYUI"):
-            pytest.fail(reason + " (TLORA_REQUIRE_COMFYUI is set: CI must run these tests)")
-        pytest.skip(reason)
+    path = required_comfyui_path()
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
     stub = _torchvision_stub()

@@ -90,3 +90,15 @@ def tiny_world(root):
     tlora.save(net, root / "w.safetensors", metadata={"family": "sd15", "base_model": "tiny"})
     net.remove()
     return pipe
+
+
+SOURCE_SKIP = {".git", ".venv", "site", "build", "dist", "demo-output", "__pycache__", ".pytest_cache"}
+
+
+def source_copy(dest):
+    """The repository's files without its venv, caches and build outputs (what a clean clone holds) at ``dest``."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root, dest, ignore=lambda d, names: [n for n in names if n in SOURCE_SKIP or n.endswith(".egg-info")])
+    return dest

@@ -13,23 +13,12 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 
-from comfyui_env import comfyui_path
+from comfyui_env import required_comfyui_path as _comfyui
+from conftest import source_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".git", ".venv", "site", "build", "dist", "demo-output", "__pycache__", ".pytest_cache"}
-
-
-def _comfyui():
-    path = comfyui_path()
-    if path is None:
-        reason = "ComfyUI not found: set COMFYUI_PATH or put a ComfyUI checkout at ../shared/ComfyUI"
-        if os.environ.get("TLORA_REQUIRE_COMFYUI"):
-            pytest.fail(reason + " (TLORA_REQUIRE_COMFYUI is set: CI must run these tests)")
-        pytest.skip(reason)
-    return path
 
 
 def _free_port() -> int:
@@ -59,8 +48,7 @@ def test_comfyuis_own_parser_reads_the_registry_fields_of_pyproject():
 def test_comfyui_started_with_the_repository_in_custom_nodes_lists_the_t_lora_nodes(tmp_path):
     comfy = tmp_path / "ComfyUI"
     shutil.copytree(_comfyui(), comfy, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT, comfy / "custom_nodes" / "tlora",       # the repository as a clone of it would be
-                    ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    source_copy(comfy / "custom_nodes" / "tlora")       # the repository as a clone of it would be
     stub = tmp_path / "stub" / "torchvision"      # ComfyUI imports torchvision; the registry's cannot load here
     (stub / "transforms").mkdir(parents=True)
     (stub / "__init__.py").write_text("")

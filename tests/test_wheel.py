@@ -3,7 +3,6 @@
 wheel installs into a fresh venv (no index: every dependency must already be satisfied by the pinned set this
 suite runs on) and its commands run from there."""
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,19 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import source_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_SHIPPED = ("research/", "tests/", "benchmarks/", "toyworld-textured", "tlora/toyworld/pretrain.py",
                "tlora/toyworld/textured.py", "tlora/toyworld/tradeoff.py")
-SKIP = {".git", ".venv", "site", "build", "dist", "demo-output", "__pycache__", ".pytest_cache"}
-
-
-def _source_copy(dest: Path) -> Path:
-    """The repository's files without its venv, caches and build outputs (a clean checkout's content)."""
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
-    return dest
-
-
 def _deps_view(dest: Path) -> Path:
     """This interpreter's site-packages as links, less tlora itself: the dependencies a fresh venv is given (pip among them: a
     venv made without pip uses this one)."""
@@ -38,7 +29,7 @@ def _deps_view(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    src = _source_copy(tmp / "src")
+    src = source_copy(tmp / "src")
     done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -73,8 +64,8 @@ def test_the_wheel_installs_in_a_fresh_venv_and_its_commands_run(built, tmp_path
     Path(purelib, "_deps.pth").write_text(str(_deps_view(tmp_path / "deps")) + "\n")
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
-    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[quantize,comfyui,plot]"],
+                          capture_output=True, text=True, env=env, timeout=600)       # the extras resolve too
     assert inst.returncode == 0, inst.stderr[-2000:]
     run = lambda *argv: subprocess.run([str(venv / "bin" / "tlora"), *argv], capture_output=True, text=True,  # noqa
                                        env=env, cwd=tmp_path, timeout=900)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from .config import TLoRAConfig
 from .errors import OneLineParser as _Parser
-from .errors import Interrupted, UsageError
+from .errors import Interrupted, UsageError, WeightsFileError
 from .fileio import atomic_write, check_output, first_line, remove_own, show
 from .hub import HubError
 from .settings import add_flag, build, settings_table
@@ -495,7 +495,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 args.check(args)
             _heavy_imports()
             return int(args.func(args) or 0)
-    except UsageError as e:
+    except (UsageError, WeightsFileError) as e:     # bad input, whichever command's reader found it
         say("error", str(e))
         return 2
     except HubError as e:            # the Hub refused or could not be reached: not the input's fault

@@ -9,6 +9,11 @@ class UsageError(ValueError):
     """Bad input from the user: the message names what is wrong and how to fix it."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used (unreadable, corrupted, of another model), with one line saying why:
+    bad input like :class:`UsageError`, wherever it is raised."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr and exit code 2 (argparse prints the usage too)."""
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import WeightsFileError   # also tlora.weights' own name
 from .config import TLoRAConfig
 from .families import FAMILIES
 from .fileio import atomic_write, first_line
@@ -42,8 +43,6 @@ FORMAT = "tlora"
 FORMAT_VERSION = 1
 
 
-class WeightsFileError(ValueError):
-    """A weights file that cannot be used, with one line saying why."""
 
 
 @dataclass(frozen=True)
