@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test docs venv bench toyworld clean constraints
+.PHONY: demo test docs ui venv bench toyworld clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
+# the browser UI on http://127.0.0.1:7860 (uploads and runs in tlora-workspace/)
+ui: venv
+	$(PY) -m tlora ui
+
 # the documentation site into site/, strict: a broken link, a missing page or an unresolved API reference fails
 docs: venv
 	$(PY) -m mkdocs build --strict --site-dir site
@@ -45,4 +49,4 @@ constraints: venv
 	mv constraints.tmp constraints.txt
 
 clean:
-	rm -rf $(VENV) demo-output site
+	rm -rf $(VENV) demo-output site tlora-workspace

@@ -381,6 +381,29 @@ def _cmd_push(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", default="tlora-workspace", help="folder of the UI's uploads and runs (created; "
+                   "default tlora-workspace)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "any other needs --auth)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--auth", help="USER:PASSWORD asked by the browser (Gradio's auth)")
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    if not 1 <= a.port <= 65535:
+        raise UsageError(f"--port {a.port} must be in [1, 65535]")
+    try:
+        from . import ui
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("tlora ui needs Gradio: pip install -e \".[ui]\" (from the repository)") from None
+    ui.check_host(a.host, a.auth)
+    check_output(a.workspace, "--workspace", folder=True)
+    ui.serve(a.workspace, a.host, a.port, a.auth)
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--steps", type=int, help="training steps per adapter (default 100, the demo's recipe)")
@@ -430,6 +453,8 @@ COMMANDS = {
     "push": ("upload a finished run's weights, model card and samples to the Hugging Face Hub", None, _push_args,
              _cmd_push, None),
     "demo": ("LoRA vs T-LoRA on the embedded toy-world model (CPU, no downloads)", None, _demo_args, _cmd_demo, None),
+    "ui": ("the browser UI: image → recipe → train → generate → export (Gradio, 127.0.0.1:7860)", None, _ui_args,
+           _cmd_ui, None),
 }
 
 
