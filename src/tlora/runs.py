@@ -88,9 +88,12 @@ class Workspace:
                     raise UsageError(f"the image is {im.width}×{im.height} px; at most {MAX_UPLOAD_PIXELS // 10**6} MP")
                 im.load()
                 rgb = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            if isinstance(e, UsageError):
-                raise
+        except Image.DecompressionBombError as e:           # PIL refuses to open it at all
+            raise UsageError(f"the image has too many pixels ({str(e).split('.')[0]}); at most "
+                             f"{MAX_UPLOAD_PIXELS // 10**6} MP") from None
+        except UsageError:
+            raise
+        except (OSError, ValueError):
             raise UsageError("the upload is not an image PIL can read (PNG, JPEG, WebP, …)") from None
         dest = self.root / "uploads" / f"{uuid.uuid4().hex}.png"
         atomic_write(dest, lambda tmp: rgb.save(tmp, format="PNG"), suffix=".png")

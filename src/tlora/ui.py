@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import UsageError
-from .runs import Workspace, metrics, state
+from .runs import NAME, Workspace, metrics, state
+
+NAME_OK = NAME.fullmatch
 
 # (label, TrainConfig fields): the paper's SDXL recipe, a Flux vanilla recipe, and the demo's toy-world recipe
 PRESETS = {
@@ -61,6 +63,8 @@ def collect(main: Dict, tl: Dict, advanced: Dict[str, str]) -> Dict:
             raise UsageError(f"{key}: {e}") from None
         target = settings["tlora"] if key.startswith("tlora.") else settings
         target[key.split(".", 1)[-1]] = list(value) if isinstance(value, tuple) else value
+    if settings.get("resolution") == 0:
+        settings.pop("resolution")                            # 0 on the form: the model's own
     for k in ("max_steps", "batch_size", "resolution", "num_validation_images", "validation_steps"):
         if isinstance(settings.get(k), float) and settings[k].is_integer():
             settings[k] = int(settings[k])                    # gr.Number gives floats
@@ -88,6 +92,20 @@ def schedule_figure(rank: int, min_rank: int, exponent: float):
     return fig
 
 
+def local_resolution(model: str) -> Optional[int]:
+    """A local diffusers folder's own image size (denoiser sample size × the VAE's scale, as diffusers computes
+    it), read from its configs alone; None for a hub id or an unknown layout."""
+    from .fileio import model_path
+    root = Path(model_path(model))
+    try:
+        den = next(json.loads((root / d / "config.json").read_text()) for d in ("unet", "transformer")
+                   if (root / d / "config.json").is_file())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        return int(den["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StopIteration, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def memory_text(model: str, rank: int, min_rank: int, variant: str, resolution, batch: int) -> str:
     """The expected training peak (``tlora memory``) and whether it fits this machine, with what to change."""
     from . import memory
@@ -95,8 +113,9 @@ def memory_text(model: str, rank: int, min_rank: int, variant: str, resolution, 
     from .quantize import BasePrecision
     from .fileio import model_path
     tl = TLoRAConfig(rank=int(rank), min_rank=int(min_rank), variant=variant, target_module=())
-    e = memory.estimate(memory.read_denoiser_config(model_path(model)), tl, int(resolution) if resolution else None,
-                        int(batch), False, "no", BasePrecision("no").resolved(), "adamw")
+    res = int(resolution) if resolution else local_resolution(model)
+    e = memory.estimate(memory.read_denoiser_config(model_path(model)), tl, res, int(batch), False, "no",
+                        BasePrecision("no").resolved(), "adamw")
     have = _device_memory()
     need = e.total / 2**30
     verdict = "fits" if need <= have * 0.9 else ("does not fit: try gradient_checkpointing, base_precision int8, "
@@ -178,27 +197,34 @@ def generate(ws: Workspace, name: str, prompt: str, seed: int, steps: int, guida
     pipe = _PIPES.get(model) or _PIPES.setdefault(model, load_pipeline(model))
     res = native_resolution(pipe)
     with attach(pipe, s.final, mask=bool(mask)):
-        return pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), height=res, width=res,
-                    generator=torch.Generator().manual_seed(int(seed))).images[0]
+        image = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), height=res, width=res,
+                     generator=torch.Generator().manual_seed(int(seed))).images[0]
+    k = max(1, -(-256 // max(image.size)))          # a 32 px toy image, enlarged to be seen (nearest: sharp)
+    from PIL import Image
+    return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST) if k > 1 else image
 
 
 def run_table(ws: Workspace) -> List[List]:
     return [[s.name, s.status, f"{s.step}/{s.max_steps or '?'}", str(s.final or "")] for s in ws.states()]
 
 
+CHARTS = ("loss", "lr", "mean_active_rank")
+
+
 def progress(ws: Workspace, name: str):
-    """(status line, loss chart data, latest validation grid or None) of run ``name``."""
+    """(status line, a chart frame for each of :data:`CHARTS`, the latest validation grid or None) of run
+    ``name``; the status line is ``<name>: <status>, step N of M``."""
     import pandas as pd
-    if not name:
-        return "no run selected", pd.DataFrame({"step": [], "value": [], "series": []}), None
+    empty = [pd.DataFrame({"step": [], c: []}) for c in CHARTS]
+    if not name or not NAME_OK(name):
+        return ("no run selected", *empty, None)
     s = state(ws.run_dir(name))
     m = metrics(ws.run_dir(name)) if ws.run_dir(name).is_dir() else {}
-    rows = [(step, v, tag) for tag in ("loss", "lr", "mean_active_rank") for step, v in m.get(tag, [])]
-    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
-    line = f"**{name}**: {s.status}, step {s.step} of {s.max_steps or '?'}"
+    frames = [pd.DataFrame(m.get(c, []), columns=["step", c]) for c in CHARTS]
+    line = f"{name}: {s.status}, step {s.step} of {s.max_steps or '?'}"
     if s.status == "failed":
         line += f" — {s.log_tail.strip().splitlines()[-1] if s.log_tail.strip() else ''}"
-    return line, frame, (str(s.samples[-1]) if s.samples else None)
+    return (line, *frames, (str(s.samples[-1]) if s.samples else None))
 
 
 # -- the pages ------------------------------------------------------------------------------------------------------
@@ -214,6 +240,16 @@ def _say(fn):
         except (UsageError, ValueError, OSError) as e:
             raise gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return wrapped
+
+
+def _plot_or_note(gr):
+    """The r(t) plot, or (while R, Rmin or α do not make a schedule) the plot as it was and a note beside it."""
+    def update(rank, min_rank, exponent):
+        try:
+            return schedule_figure(rank, min_rank, exponent), ""
+        except (ValueError, TypeError) as e:
+            return gr.update(), f"no schedule: {str(e).splitlines()[0]}"
+    return update
 
 
 def _image_page(gr, ws: Workspace, upload_state):
@@ -251,7 +287,7 @@ def _recipe_page(gr):
             steps = gr.Number(100, label="max_steps", precision=0)
             lr = gr.Number(3e-3, label="learning_rate")
             batch = gr.Number(4, label="batch_size", precision=0)
-            resolution = gr.Number(None, label="resolution (empty: the model's own)", precision=0)
+            resolution = gr.Number(0, label="resolution (0: the model's own)", precision=0)
         with gr.Row():
             rank = gr.Number(64, label="rank R", precision=0)
             min_rank = gr.Number(16, label="Rmin", precision=0)
@@ -260,14 +296,16 @@ def _recipe_page(gr):
             val_images = gr.Number(1, label="validation images", precision=0)
             val_steps = gr.Number(50, label="validate every", precision=0)
         with gr.Row():
-            plot = gr.Plot(label="r(t): active ranks by timestep")
+            with gr.Column():
+                plot = gr.Plot(label="r(t): active ranks by timestep")
+                plot_note = gr.Markdown()
             with gr.Column():
                 mem = gr.Markdown()
                 estimate = gr.Button("estimate memory")
         with gr.Accordion("advanced: every other setting (from the settings schema)", open=False):
             advanced = {k: gr.Textbox(json.dumps(s.default), label=k, info=s.help) for k, s in advanced_fields()}
         for box in (rank, min_rank, exponent):
-            box.change(_say(schedule_figure), [rank, min_rank, exponent], plot)
+            box.change(_plot_or_note(gr), [rank, min_rank, exponent], [plot, plot_note])
 
         def apply(name):
             p = PRESETS[name]
@@ -291,7 +329,8 @@ def _train_page(gr, ws: Workspace, upload_state, form):
         with gr.Row():
             start, stop, resume = gr.Button("start", variant="primary"), gr.Button("stop"), gr.Button("resume")
         status = gr.Markdown()
-        chart = gr.LinePlot(x="step", y="value", color="series", label="loss, lr, mean active rank")
+        with gr.Row():
+            charts = [gr.LinePlot(x="step", y=c, label=c.replace("_", " ")) for c in CHARTS]
         grid = gr.Image(label="latest validation grid (masked, labelled)", interactive=False)
         runs = gr.Dataframe(headers=["run", "status", "step", "final weights"], label="runs of this workspace",
                             interactive=False)
@@ -311,7 +350,7 @@ def _train_page(gr, ws: Workspace, upload_state, form):
         resume.click(_say(lambda run: f"resumed **{run}** (process {ws.start(run, {}, None, 'resume')})"),
                      name, status)
         refresh = lambda run: (*progress(ws, run), run_table(ws))  # noqa: E731
-        gr.Timer(2.0).tick(_say(refresh), name, [status, chart, grid, runs])
+        gr.Timer(2.0).tick(_say(refresh), name, [status, *charts, grid, runs])
     return name
 
 

@@ -1,0 +1,255 @@
+"""``tlora ui``: the whole flow in a real browser (Debian's chromium driven by Playwright), the workspace's runs
+as detached ``tlora train`` processes, and bad input in every field: a clear message, nothing started or written."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tlora.errors import UsageError
+from tlora.runs import Workspace, state
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TOY = {"model": "toyworld", "placeholder": "sks", "class_name": "shape", "max_steps": 300, "checkpointing_steps": 100,
+       "num_validation_images": 1, "validation_steps": 100, "learning_rate": 3e-3,
+       "tlora": {"rank": 8, "min_rank": 2}}
+
+
+def _wait(predicate, seconds=120.0, every=0.2):
+    end = time.time() + seconds
+    while time.time() < end:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def upload(tmp_path):
+    Image.new("RGB", (80, 64), (230, 200, 40)).save(tmp_path / "star.png")
+    return tmp_path / "star.png"
+
+
+# -- the workspace: runs outlive the server and are found again ---------------------------------------------------
+def test_a_run_outlives_the_server_that_started_it_and_a_new_server_finds_it(tmp_path, upload):
+    root = tmp_path / "ws"
+    code = ("import sys, time, json; from tlora.runs import Workspace; ws = Workspace(sys.argv[1]); "
+            "up = ws.save_upload(sys.argv[2]); print(ws.start('r1', json.loads(sys.argv[3]), up), flush=True); "
+            "time.sleep(600)")
+    import json
+    server = subprocess.Popen([sys.executable, "-c", code, str(root), str(upload), json.dumps(TOY)],
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(server.stdout.readline())
+    server.kill()                       # the UI server dies (SIGKILL: nothing of it runs on)
+    server.wait()
+    server.stdout.close()
+    ws = Workspace(root)                # a new server: the run is found by reading its folder
+    assert _wait(lambda: state(ws.run_dir("r1")).status == "running", 60)
+    assert state(ws.run_dir("r1")).pid == pid
+    s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r1"))), 240)
+    assert s.step == 300 and s.final.is_file() and [p.name for p in s.samples] == ["step-100.png", "step-200.png",
+                                                                                   "step-300.png"]
+    assert [st.name for st in ws.states()] == ["r1"]
+
+
+def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path, upload):
+    ws = Workspace(tmp_path / "ws")
+    ws.start("r", {**TOY, "checkpointing_steps": 1000}, ws.save_upload(upload))
+    _wait(lambda: state(ws.run_dir("r")).status == "running" and state(ws.run_dir("r")).step >= 5, 90)
+    with pytest.raises(UsageError, match="one training at a time"):             # starting twice
+        ws.start("other", TOY, ws.save_upload(upload))
+    assert not ws.run_dir("other").exists()
+    ws.stop("r")
+    s = _wait(lambda: (lambda s: s if s.status == "stopped" else None)(state(ws.run_dir("r"))), 90)
+    assert (ws.run_dir("r") / f"checkpoint-{s.step}").is_dir() and "SIGINT" in s.log_tail
+    ws.start("r", {}, None, "resume")
+    s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r"))), 240)
+    assert s.step == 300
+
+
+# -- bad input: one clear message, nothing written ------------------------------------------------------------------
+def _tree(p: Path):
+    return sorted(str(q.relative_to(p)) for q in p.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", ["not an image", "20000x20000 png", "dotdot name", "negative steps",
+                                  "absurd rank", "bad run name", "reserved key", "foreign image path"])
+def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind):
+    ws = Workspace(tmp_path / "ws")
+    good = ws.save_upload(upload)
+    before = _tree(ws.root)
+    settings, name, image, says = dict(TOY), "r", good, None
+    if kind == "not an image":
+        (tmp_path / "x.png").write_text("#!/bin/sh\necho not an image\n")
+        with pytest.raises(UsageError, match="not an image"):
+            ws.save_upload(tmp_path / "x.png")
+    elif kind == "20000x20000 png":
+        Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")        # a few kB on disk, 400 MP decoded
+        with pytest.raises(UsageError, match="too many pixels .*400000000.*; at most 40 MP"):
+            ws.save_upload(tmp_path / "huge.png")
+        Image.new("1", (9000, 9000)).save(tmp_path / "big.png")           # under PIL's own limit: ours
+        with pytest.raises(UsageError, match="9000×9000 px; at most 40 MP"):
+            ws.save_upload(tmp_path / "big.png")
+    elif kind == "dotdot name":                    # an upload's own name never becomes a path
+        evil = tmp_path / "a" / ".." / "..evil.png"
+        (tmp_path / "a").mkdir()
+        shutil.copy(upload, tmp_path / "..evil.png")
+        kept = ws.save_upload(evil)
+        assert kept.parent == ws.root / "uploads" and re.fullmatch(r"[0-9a-f]{32}\.png", kept.name)
+        kept.unlink()
+        assert _tree(ws.root) == before
+        return
+    elif kind == "negative steps":
+        settings["max_steps"], says = -1, "max_steps"
+    elif kind == "absurd rank":
+        settings["tlora"], says = {"rank": 10**9, "min_rank": 1}, "rank"
+    elif kind == "bad run name":
+        name, says = "../escape", "run name"
+    elif kind == "reserved key":
+        settings["output_dir"], says = "/etc", "output_dir"
+    else:
+        image, says = upload, "not an upload of this workspace"
+    if says:
+        with pytest.raises(UsageError, match=re.escape(says)):
+            ws.start(name, settings, image)
+    assert _tree(ws.root) == before
+
+
+def test_a_non_local_host_needs_auth(capsys):
+    from tlora.cli import main
+    assert main(["ui", "--host", "0.0.0.0", "--workspace", "/nonexistent/ws"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tlora ui: error: --host 0.0.0.0 makes the UI reachable from other machines: give --auth USER:PASSWORD (or "
+        "keep the default 127.0.0.1)"]
+    assert not Path("/nonexistent/ws").exists()
+
+
+# -- the whole flow in a real browser ---------------------------------------------------------------------------------
+def _browser():
+    """Playwright's sync API and Debian's chromium, or the test skips (fails where $TLORA_REQUIRE_BROWSER is set:
+    ``.ci/run`` installs chromium and sets it)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not Path(CHROMIUM).is_file():
+        reason = "no real browser: install Debian's chromium (apt) and playwright (pip)"
+        if os.environ.get("TLORA_REQUIRE_BROWSER"):
+            pytest.fail(reason + " (TLORA_REQUIRE_BROWSER is set: CI must run this test)")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+def _serve(root: Path, port: int):
+    server = subprocess.Popen([sys.executable, "-m", "tlora", "ui", "--workspace", str(root), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    import urllib.request
+
+    def up():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+                return True
+        except OSError:
+            assert server.poll() is None, server.stdout.read()[-2000:]
+            return False
+    _wait(up, 90)
+    return server
+
+
+def _shot(page, name):
+    folder = os.environ.get("TLORA_UI_SCREENSHOTS")      # docs/ui-*.png are made by setting it
+    if folder:
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(Path(folder) / f"ui-{name}.png"), full_page=True)
+
+
+def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
+    sync_playwright = _browser()
+    from playwright.sync_api import expect
+    root, port = tmp_path / "ws", _free_port()
+    server = _serve(root, port)
+    url = f"http://127.0.0.1:{port}/"
+    status = lambda page, what: expect(page.get_by_text(re.compile(rf"my-run: {what}"))).to_be_visible(  # noqa
+        timeout=240_000)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.locator("input[type=file]").first.set_input_files(str(upload))       # 1. the image
+            expect(page.locator("img").first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("training prompt: `a photo of sks shape`")).to_be_visible(timeout=30_000) \
+                if page.get_by_text("training prompt").count() else None
+            _shot(page, "1-image")
+            page.get_by_role("tab", name="2 · Recipe").click()                          # 2. the recipe
+            for label, value in (("Rmin", "2"), ("rank R", "8"), ("max_steps", "300"), ("validate every", "100")):
+                box = page.get_by_label(label, exact=True)
+                box.fill(value)
+                box.press("Enter")
+            expect(page.get_by_text("R=8, Rmin=2, α=1")).to_be_visible(timeout=30_000) \
+                if page.get_by_text("R=8").count() else None
+            page.get_by_role("button", name="estimate memory").click()
+            expect(page.get_by_text("expected peak")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"32 px, batch 4, rank 8\); this machine has .*: fits"))).to_be_visible()
+            _shot(page, "2-recipe")
+            page.get_by_role("tab", name="3 · Train").click()                           # 3. train
+            page.get_by_role("button", name="start").click()
+            status(page, "running")
+            page.close()                                     # the browser goes away mid-run …
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)                                   # … and a new page finds the same run
+            page.get_by_role("tab", name="3 · Train").click()
+            status(page, "(running|finished)")
+            page.get_by_role("button", name="stop").click()
+            status(page, "stopped")
+            page.get_by_role("button", name="resume").click()
+            status(page, "finished, step 300 of 300")
+            expect(page.locator("img[src*='step-300']")).to_be_visible(timeout=30_000)
+            _shot(page, "3-train")
+            page.get_by_role("tab", name="4 · Generate").click()                        # 4. generate
+            box = page.get_by_label("steps", exact=True)
+            box.fill("5")
+            box.press("Enter")
+            page.get_by_role("button", name="generate").click()
+            expect(page.locator("img[alt='generated'], img[src*='image']").last).to_be_visible(timeout=120_000)
+            _shot(page, "4-generate")
+            page.get_by_role("tab", name="5 · Export").click()                          # 5. export
+            page.get_by_role("button", name="export").click()
+            link = page.locator("a[href*='my-run.safetensors']").last
+            expect(link).to_be_visible(timeout=60_000)
+            _shot(page, "5-export")
+            with page.expect_download() as download:
+                link.click()
+            got = tmp_path / "downloaded.safetensors"
+            download.value.save_as(got)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        server.stdout.close()
+    final = root / "runs" / "my-run" / "tlora.safetensors"
+    a, b = load_file(str(got)), load_file(str(final))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import tlora
+    from tlora.fileio import model_path
+    from tlora.generate import load_denoiser
+    net = tlora.load(got, load_denoiser(model_path("toyworld")))
+    assert len(net.adapters) > 0
