@@ -64,7 +64,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_its_commands_run(built, tmp_path
     Path(purelib, "_deps.pth").write_text(str(_deps_view(tmp_path / "deps")) + "\n")
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
-    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[quantize,comfyui,plot]"],
+    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[quantize,comfyui,plot,ui]"],
                           capture_output=True, text=True, env=env, timeout=600)       # the extras resolve too
     assert inst.returncode == 0, inst.stderr[-2000:]
     run = lambda *argv: subprocess.run([str(venv / "bin" / "tlora"), *argv], capture_output=True, text=True,  # noqa

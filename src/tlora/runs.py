@@ -207,12 +207,18 @@ def _logged_step(tail: str, default: int) -> int:
     return int(found[-1]) if found else default
 
 
+_READERS: Dict[str, object] = {}     # logs folder → its EventAccumulator, which reads on from where it stopped
+
+
 def metrics(out: Path) -> Dict[str, List[tuple]]:
-    """loss, lr and mean active rank by step, from the run's tensorboard events (tensorboard's own reader)."""
+    """loss, lr and mean active rank by step, from the run's tensorboard events (tensorboard's own reader, kept
+    per run so each call reads only the events written since the last)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logs = out / "logs"
     if not logs.is_dir():
         return {}
-    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    acc = _READERS.get(str(logs))
+    if acc is None:
+        acc = _READERS.setdefault(str(logs), EventAccumulator(str(logs), size_guidance={"scalars": 0}))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags().get("scalars", [])}

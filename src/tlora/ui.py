@@ -349,8 +349,14 @@ def _train_page(gr, ws: Workspace, upload_state, form):
                    name, status)
         resume.click(_say(lambda run: f"resumed **{run}** (process {ws.start(run, {}, None, 'resume')})"),
                      name, status)
-        refresh = lambda run: (*progress(ws, run), run_table(ws))  # noqa: E731
-        gr.Timer(2.0).tick(_say(refresh), name, [status, *charts, grid, runs])
+        seen = gr.State(None)
+
+        def refresh(run, last):
+            """Every 2 s: the page's outputs, or nothing sent when nothing changed (no redraw in the browser)."""
+            shown = (*progress(ws, run), run_table(ws))
+            mark = (shown[0], tuple(len(f) for f in shown[1:1 + len(CHARTS)]), shown[-2], str(shown[-1]))
+            return (*([gr.skip()] * len(shown)), last) if mark == last else (*shown, mark)
+        gr.Timer(2.0).tick(_say(refresh), [name, seen], [status, *charts, grid, runs, seen])
     return name
 
 
