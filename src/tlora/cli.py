@@ -393,13 +393,13 @@ def _ui_args(p: argparse.ArgumentParser) -> None:
 def _cmd_ui(a: argparse.Namespace) -> int:
     if not 1 <= a.port <= 65535:
         raise UsageError(f"--port {a.port} must be in [1, 65535]")
+    from . import ui
+    ui.check_host(a.host, a.auth)                    # refused before Gradio (and torch) load
+    check_output(a.workspace, "--workspace", folder=True)
     try:
-        from . import ui
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("tlora ui needs Gradio: pip install -e \".[ui]\" (from the repository)") from None
-    ui.check_host(a.host, a.auth)
-    check_output(a.workspace, "--workspace", folder=True)
     ui.serve(a.workspace, a.host, a.port, a.auth)
     return 0
 
