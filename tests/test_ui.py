@@ -253,3 +253,66 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
     from tlora.generate import load_denoiser
     net = tlora.load(got, load_denoiser(model_path("toyworld")))
     assert len(net.adapters) > 0
+
+
+# -- the app's actions without a browser ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-actions")
+    Image.new("RGB", (64, 64), (230, 200, 40)).save(root / "star.png")
+    ws = Workspace(root / "ws")
+    ws.start("done", {**TOY, "max_steps": 20, "checkpointing_steps": 20, "validation_steps": 20},
+             ws.save_upload(root / "star.png"))
+    _wait(lambda: state(ws.run_dir("done")).status == "finished", 240)
+    return ws
+
+
+def test_every_export_reads_back_and_the_workflow_loads_the_file_with_load_t_lora(finished):
+    import json
+    from tlora import ui
+    from tlora.formats import detect_format
+    from tlora.weights import read
+    final = load_file(str(finished.run_dir("done") / "tlora.safetensors"))
+    native = ui.export(finished, "done", "tlora")
+    got = load_file(str(native))
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in got)
+    for fmt, kind in (("kohya", "kohya"), ("diffusers", "diffusers"), ("lycoris", "lycoris"), ("official", "official")):
+        tensors, meta = read(ui.export(finished, "done", fmt))
+        assert detect_format(tensors.keys(), meta) == kind, fmt
+    wf = json.loads(ui.export(finished, "done", "comfyui workflow").read_text())
+    loader = next(n for n in wf.values() if n["class_type"] == "Load T-LoRA")
+    assert loader["inputs"]["lora_name"] == native.name and loader["inputs"]["mask"] is True
+    assert wf["6"]["inputs"]["model"] == ["2", 0]                       # the sampler runs the T-LoRA'd model
+    with pytest.raises(UsageError, match="export format"):
+        ui.export(finished, "done", "pickle")
+
+
+def test_generate_samples_the_run_masked_and_unmasked(finished):
+    import numpy as np
+    from tlora import ui
+    on = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, True)
+    again = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, True)
+    off = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, False)
+    assert on.size == (256, 256)                                        # 32 px, enlarged 8× to be seen
+    assert np.array_equal(np.asarray(on), np.asarray(again))            # the seed decides
+    assert not np.array_equal(np.asarray(on), np.asarray(off))          # the mask is applied
+    with pytest.raises(UsageError, match="prompt is empty"):
+        ui.generate(finished, "done", "  ", 0, 3, 3.0, True)
+
+
+def test_overwrite_is_asked_explicitly_and_trains_again(finished, tmp_path):
+    from tlora import ui
+    ws = finished
+    with pytest.raises(UsageError, match="exists: resume it, overwrite it"):
+        ws.start("done", dict(TOY), ws.save_upload(next((ws.root / "uploads").iterdir())))
+    first = (ws.run_dir("done") / "tlora.safetensors").stat().st_mtime_ns
+    settings = ui.collect({"model": "toyworld", "max_steps": 20.0, "placeholder": "sks", "class_name": "shape"},
+                          {"rank": 8.0, "min_rank": 2.0}, {"seed": "1"})
+    assert settings["max_steps"] == 20 and settings["tlora"] == {"rank": 8, "min_rank": 2} and settings["seed"] == 1
+    ws.start("done", {}, None, "overwrite")
+    _wait(lambda: state(ws.run_dir("done")).status == "running" or
+          (ws.run_dir("done") / "tlora.safetensors").stat().st_mtime_ns != first, 60)
+    _wait(lambda: state(ws.run_dir("done")).status == "finished" and
+          (ws.run_dir("done") / "tlora.safetensors").stat().st_mtime_ns != first, 240)
+    with pytest.raises(UsageError, match="seed"):
+        ui.collect({"model": "toyworld"}, {}, {"seed": "-3"})
