@@ -21,8 +21,8 @@ from tlora.runs import Workspace, state
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-TOY = {"model": "toyworld", "placeholder": "sks", "class_name": "shape", "max_steps": 150, "checkpointing_steps": 50,
-       "num_validation_images": 1, "validation_steps": 50, "learning_rate": 3e-3,
+TOY = {"model": "toyworld", "placeholder": "sks", "class_name": "shape", "max_steps": 80, "checkpointing_steps": 40,
+       "num_validation_images": 1, "validation_steps": 40, "learning_rate": 3e-3,
        "tlora": {"rank": 8, "min_rank": 2}}
 
 
@@ -65,8 +65,7 @@ def test_a_run_outlives_the_server_that_started_it_and_a_new_server_finds_it(tmp
     assert _wait(lambda: state(ws.run_dir("r1")).status == "running", 60)
     assert state(ws.run_dir("r1")).pid == pid
     s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r1"))), 240)
-    assert s.step == 150 and s.final.is_file() and [p.name for p in s.samples] == ["step-50.png", "step-100.png",
-                                                                                   "step-150.png"]
+    assert s.step == 80 and s.final.is_file() and [p.name for p in s.samples] == ["step-40.png", "step-80.png"]
     assert [st.name for st in ws.states()] == ["r1"]
 
 
@@ -82,7 +81,7 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path, upload):
     assert (ws.run_dir("r") / f"checkpoint-{s.step}").is_dir() and "SIGINT" in s.log_tail
     ws.start("r", {}, None, "resume")
     s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r"))), 240)
-    assert s.step == 150
+    assert s.step == 80
 
 
 # -- bad input: one clear message, nothing written ------------------------------------------------------------------
