@@ -102,3 +102,11 @@ def source_copy(dest):
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root, dest, ignore=lambda d, names: [n for n in names if n in SOURCE_SKIP or n.endswith(".egg-info")])
     return dest
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for servers the tests start)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ of the snapshot (``main.py --cpu`` on a loopback port) and asked for ``/object_i
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from comfyui_env import required_comfyui_path as _comfyui
-from conftest import source_copy
+from conftest import free_port, source_copy
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_requirements_a_node_install_puts_into_comfyuis_python_are_met_here():
@@ -55,7 +48,7 @@ def test_comfyui_started_with_the_repository_in_custom_nodes_lists_the_t_lora_no
     (stub / "transforms" / "__init__.py").write_text("")
     (tmp_path / "frontend").mkdir()               # the web frontend package is not needed to list nodes
     (tmp_path / "frontend" / "index.html").write_text("<html></html>")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(stub.parent)}
     server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                "--disable-auto-launch", "--front-end-root", str(tmp_path / "frontend")],

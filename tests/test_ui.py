@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import free_port
 from tlora.errors import UsageError
 from tlora.runs import Workspace, state
 
@@ -34,12 +34,6 @@ def _wait(predicate, seconds=120.0, every=0.2):
             return got
         time.sleep(every)
     raise AssertionError(f"not within {seconds} s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -183,7 +177,7 @@ def _shot(page, name):
 def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
     sync_playwright = _browser()
     from playwright.sync_api import expect
-    root, port = tmp_path / "ws", _free_port()
+    root, port = tmp_path / "ws", free_port()
     server = _serve(root, port)
     url = f"http://127.0.0.1:{port}/"
     status = lambda page, what: expect(page.get_by_text(re.compile(rf"my-run: {what}"))).to_be_visible(  # noqa

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,16 +53,6 @@ class RunState:
     final: Optional[Path] = None
     samples: List[Path] = field(default_factory=list)
     log_tail: str = ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Workspace:
@@ -134,7 +125,6 @@ class Workspace:
         if mode == "new":
             data = Path(cfg["data_dir"])
             data.mkdir(parents=True, exist_ok=True)
-            import shutil
             shutil.copyfile(image, data / cfg["one_image"])
             write_json(cfg, out / "config.json")
         flag = {"new": [], "resume": ["--resume", "latest"], "overwrite": ["--overwrite"]}[mode]
@@ -171,17 +161,14 @@ class Workspace:
 def state(out: Path) -> RunState:
     """Read a run folder: its lock (a live pid: running), final weights, checkpoints, samples and log."""
     from .checkpoint import scan
+    from .train import RunLock
     name = out.name
     cfg = {}
     try:
         cfg = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         pass
-    pid = None
-    try:
-        pid = int((out / ".tlora.lock").read_text().strip())
-    except (OSError, ValueError):
-        pass
+    pid = RunLock.holder(out)
     log = out / "train.log"
     tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
     samples = sorted((out / "samples").glob("step-*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)) \
@@ -189,7 +176,7 @@ def state(out: Path) -> RunState:
     steps = [f.step for f in scan(out)] if out.is_dir() else []
     final = out / "tlora.safetensors"
     s = RunState(name, "new", max(steps, default=0), cfg.get("max_steps"), None, None, samples, tail)
-    if pid is not None and _alive(pid):
+    if pid is not None:
         s.status, s.pid = "running", pid
         s.step = _logged_step(tail, s.step)
     elif final.is_file():

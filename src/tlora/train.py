@@ -249,6 +249,15 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
+    @staticmethod
+    def holder(out: Path) -> Optional[int]:
+        """The pid of the live run writing into ``out`` now, or None (no lock, or its process is gone)."""
+        try:
+            pid = int((out / ".tlora.lock").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
     def release(self) -> None:
         if self._owner() == os.getpid():
             self.path.unlink(missing_ok=True)
