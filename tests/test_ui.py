@@ -251,19 +251,26 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
 # -- the app's actions without a browser ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """Run ``done`` (20 steps, evaluated at 10 and 20 with tiny CLIP / DINOv2 models) and its LoRA twin, finished."""
+    from tlora.testing import save_clip, save_dinov2
     root = tmp_path_factory.mktemp("ui-actions")
+    save_clip(root / "clip")
+    save_dinov2(root / "dino")
     Image.new("RGB", (64, 64), (230, 200, 40)).save(root / "star.png")
     ws = Workspace(root / "ws")
-    ws.start("done", {**TOY, "max_steps": 20, "checkpointing_steps": 20, "validation_steps": 20},
-             ws.save_upload(root / "star.png"))
-    _wait(lambda: state(ws.run_dir("done")).status == "finished", 240)
+    ws.start("done", {**TOY, "max_steps": 20, "checkpointing_steps": 10, "validation_steps": 10,
+                      "eval_clip_model": str(root / "clip"), "eval_dino_model": str(root / "dino"),
+                      "best_metric": "IS+TS"}, [ws.save_upload(root / "star.png")], twin=True)
+    _wait(lambda: state(ws.run_dir("done-lora")).status in ("finished", "failed"), 300)
+    assert state(ws.run_dir("done")).status == "finished", state(ws.run_dir("done")).log_tail
+    assert state(ws.run_dir("done-lora")).status == "finished", state(ws.run_dir("done-lora")).log_tail
     return ws
 
 
 def test_every_export_reads_back_and_the_workflow_loads_the_file_with_load_t_lora(finished):
     import json
-    from tlora import ui
     from tlora.formats import detect_format
+    from tlora.ui import actions as ui
     from tlora.weights import read
     final = load_file(str(finished.run_dir("done") / "tlora.safetensors"))
     native = ui.export(finished, "done", "tlora")
@@ -280,21 +287,102 @@ def test_every_export_reads_back_and_the_workflow_loads_the_file_with_load_t_lor
         ui.export(finished, "done", "pickle")
 
 
-def test_generate_samples_the_run_masked_and_unmasked(finished):
+def _png(path):
+    import json
     import numpy as np
-    from tlora import ui
-    on = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, True)
-    again = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, True)
-    off = ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, False)
-    assert on.size == (256, 256)                                        # 32 px, enlarged 8× to be seen
-    assert np.array_equal(np.asarray(on), np.asarray(again))            # the seed decides
-    assert not np.array_equal(np.asarray(on), np.asarray(off))          # the mask is applied
-    with pytest.raises(UsageError, match="prompt is empty"):
-        ui.generate(finished, "done", "  ", 0, 3, 3.0, True)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), json.loads(im.text["tlora"]), im.text["parameters"]
+
+
+def test_generate_is_seeded_masked_with_strength_and_saved_with_its_settings(finished):
+    import numpy as np
+    from tlora.ui import actions as ui
+    args = ("done", "a photo of sks shape", 0, 3, 3.0)
+    on, settings, line = _png(ui.generate(finished, *args, True))
+    again, _, _ = _png(ui.generate(finished, *args, True))
+    off, _, _ = _png(ui.generate(finished, *args, False))
+    assert on.shape == (256, 256, 3)                                    # 32 px, enlarged 8× to be seen
+    assert np.array_equal(on, again)                                    # the seed decides
+    assert not np.array_equal(on, off)                                  # the mask is applied
+    zero_on, _, _ = _png(ui.generate(finished, *args, True, 0.0))
+    zero_off, _, _ = _png(ui.generate(finished, *args, False, 0.0))
+    assert np.array_equal(zero_on, zero_off) and not np.array_equal(zero_on, on)   # strength 0: the base model
+    assert settings == {"run": "done", "weights": "final", "prompt": "a photo of sks shape", "seed": 0, "steps": 3,
+                        "guidance": 3.0, "mask": True, "strength": 1.0}
+    assert line.startswith("run: done, weights: final, prompt: a photo of sks shape, seed: 0, steps: 3")
+    step10, s10, _ = _png(ui.generate(finished, *args, True, 1.0, "step 10"))
+    assert s10["weights"] == "step 10" and not np.array_equal(step10, on)
+    saved = sorted((finished.root / "generated" / "done").glob("image-*.png"))
+    assert len(saved) == 6
+    for bad, kw, says in ((("done", "  ", 0, 3, 3.0), {}, "prompt is empty"), (args, {"weights": "step 7"}, "no step 7"),
+                          (("done", "p", 0, 0, 3.0), {}, "steps must be"), (args, {"strength": 99.0}, "strength must")):
+        with pytest.raises(UsageError, match=says):
+            ui.generate(finished, *bad, **kw)
+    assert len(sorted((finished.root / "generated" / "done").glob("*.png"))) == 6          # nothing written
+
+
+def test_the_comparison_grid_is_checkpoints_by_prompts_with_mask_on_and_off(finished):
+    import numpy as np
+    from tlora.ui import actions as ui
+    assert list(ui.weight_choices(finished, "done")) == ["step 10", "step 20", "best", "final", "LoRA twin"]
+    grid, settings, _ = _png(ui.compare(finished, "done", "a photo of sks shape\n\na sks shape, red", ["step 10",
+                                        "final", "LoRA twin"], 0, 3, 3.0, (True, False), 1.0))
+    assert settings["prompts"] == ["a photo of sks shape", "a sks shape, red"] and settings["masks"] == [True, False]
+    H, W, _ = grid.shape
+    left, top = W - 6 * 128, H - 2 * 128                                # label bands, then 2 rows × 6 columns
+    assert left >= 140 and top > 0
+    tile = lambda r, c: grid[top + r * 128: top + (r + 1) * 128: 4, left + c * 128: left + (c + 1) * 128: 4]  # noqa
+    one, _, _ = _png(ui.generate(finished, "done", "a sks shape, red", 0, 3, 3.0, False, 1.0, "final"))
+    assert np.array_equal(tile(1, 3), one[::8, ::8])                    # row 2, "final, mask off" = that image
+    twin, _, _ = _png(ui.generate(finished, "done", "a photo of sks shape", 0, 3, 3.0, True, 1.0, "LoRA twin"))
+    assert np.array_equal(tile(0, 4), twin[::8, ::8])
+    assert np.array_equal(tile(0, 4), tile(0, 5))          # plain LoRA (Rmin = R): its mask changes nothing
+    assert not np.array_equal(tile(0, 2), tile(0, 3))      # T-LoRA's does
+    for prompts, labels, masks, says in (("", ["final"], (True,), "no prompts"), ("p", [], (True,), "none chosen"),
+                                         ("p", ["step 99"], (True,), "step 99: choose among"),
+                                         ("p", ["final"], (), "mask on, mask off"),
+                                         ("\n".join(["p"] * 40), ["final"], (True, False), "at most 64")):
+        with pytest.raises(UsageError, match=says):
+            ui.compare(finished, "done", prompts, labels, 0, 3, 3.0, masks, 1.0)
+
+
+def test_the_lora_twin_is_the_same_recipe_as_plain_lora_trained_after_its_run(finished):
+    import json
+    from tlora.ui import actions as ui
+    from tlora.weights import read_header
+    run, twin = (json.loads((finished.run_dir(n) / "config.json").read_text()) for n in ("done", "done-lora"))
+    assert twin["tlora"] == {**run["tlora"], "variant": "vanilla", "min_rank": 8, "rank": 8}
+    assert {k: v for k, v in twin.items() if k not in ("tlora", "output_dir")} == \
+        {k: v for k, v in run.items() if k not in ("tlora", "output_dir")}
+    header = read_header(finished.run_dir("done-lora") / "tlora.safetensors")["config"]
+    assert (header["variant"], header["rank"], header["min_rank"]) == ("vanilla", 8, 8)
+    line, loss, lr, rank, grid, twin_grid = ui.progress(finished, "done")
+    assert line == "done: finished, step 20 of 20; LoRA twin done-lora: finished, step 20 of 20"
+    assert sorted(set(loss["run"])) == ["done", "done-lora"] and len(loss) == 40
+    assert set(rank[rank["run"] == "done-lora"]["mean_active_rank"]) == {8.0}     # every rank at every step
+    assert rank[rank["run"] == "done"]["mean_active_rank"].min() < 8
+    assert grid.endswith("runs/done/samples/step-20.png") and twin_grid.endswith("runs/done-lora/samples/step-20.png")
+
+
+def test_evaluation_per_checkpoint_marks_the_best(finished):
+    import json
+    from tlora.runs import metrics
+    from tlora.ui import actions as ui
+    rows = ui.evaluation_rows(finished, "done")
+    m = metrics(finished.run_dir("done"))
+    assert [r[0] for r in rows] == [10, 20]
+    for r in rows:
+        for k, v in zip(("IS", "DINO_IS", "TS"), r[1:4]):
+            assert v == round(dict(m[f"eval/{k}"])[r[0]], 4)
+    best = json.loads((finished.run_dir("done") / "best.json").read_text())
+    assert [r[4] for r in rows] == ["★ best" if r[0] == best["step"] else "" for r in rows]
+    assert best["value"] == pytest.approx(max(dict(m["eval/IS"])[s] + dict(m["eval/TS"])[s] for s in (10, 20)))
+    assert ui.evaluation_rows(finished, "done-lora") == [] or len(ui.evaluation_rows(finished, "done-lora")) == 2
+    assert ui.evaluation_rows(finished, "../x") == []
 
 
 def test_overwrite_is_asked_explicitly_and_trains_again(finished, tmp_path):
-    from tlora import ui
+    from tlora.ui import actions as ui
     ws = finished
     with pytest.raises(UsageError, match="exists: resume it, overwrite it"):
         ws.start("done", dict(TOY), ws.save_upload(next((ws.root / "uploads").iterdir())))
@@ -309,3 +397,51 @@ def test_overwrite_is_asked_explicitly_and_trains_again(finished, tmp_path):
           (ws.run_dir("done") / "tlora.safetensors").stat().st_mtime_ns != first, 240)
     with pytest.raises(UsageError, match="seed"):
         ui.collect({"model": "toyworld"}, {}, {"seed": "-3"})
+
+
+def test_each_bad_field_is_named_and_nothing_is_written(tmp_path, upload):
+    from tlora.ui import actions as ui
+    ws = Workspace(tmp_path / "ws")
+    up = [str(ws.save_upload(upload))]
+    before = _tree(ws.root)
+    main = {"model": "toyworld", "max_steps": 20.0, "placeholder": "sks", "class_name": "shape"}
+    assert ui.form_problems(ws, "r", up, main, {"rank": 8.0, "min_rank": 2.0}, {}) == {}
+    got = ui.form_problems(ws, "../r", [], {**main, "max_steps": -1.0, "learning_rate": 5.0},
+                           {"rank": 8.0, "variant": "diagonal"}, {"seed": "-3", "tlora.init": "\"x\""})
+    assert set(got) == {"name", "images", "max_steps", "learning_rate", "tlora.variant", "seed", "tlora.init"}
+    assert got["max_steps"].startswith("max_steps must be an integer >= 1") and "'../r'" in got["name"]
+    assert ui.form_problems(ws, "r", up, main, {"rank": 4.0, "min_rank": 8.0}, {}) == {
+        "tlora.min_rank": "tlora.min_rank in the run's settings must be <= rank (4), got 8"}
+    assert set(ui.form_problems(ws, "r" * 62, up, main, {"rank": 8.0, "min_rank": 2.0}, {}, twin=True)) == {"name"}
+    with pytest.raises(ui.FormError, match="^max_steps must be"):
+        ui.collect({**main, "max_steps": -1.0}, {}, {})
+    assert _tree(ws.root) == before
+
+
+def test_several_images_train_one_run_and_each_is_shown_as_training_sees_it(tmp_path):
+    import numpy as np
+    from tlora.data import square
+    from tlora.ui import actions as ui
+    ws = Workspace(tmp_path / "ws")
+    for i, size in enumerate(((80, 64), (50, 90))):
+        a = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    ups = [ws.save_upload(tmp_path / f"{i}.png") for i in range(2)]
+    shown, line = ui.preview(ups, "toyworld", 0)
+    assert line == "2 images at 32×32 px, as training sees them" and [im.size for im in shown] == [(256, 256)] * 2
+    for im, up in zip(shown, ups):
+        with Image.open(up) as src:
+            assert np.array_equal(np.asarray(im)[::8, ::8], np.asarray(square(src.convert("RGB"), 32)))
+    assert ui.preview(ups, "toyworld", 48)[1] == "2 images at 48×48 px, as training sees them"
+    assert ui.family_text("toyworld") == "family: **sd15** (UNet2DConditionModel, 32 px)"
+    assert ui.family_text("sdxl-base").startswith("family: **sdxl** (UNet2DConditionModel, 1024 px)")
+    assert ui.family_text("someone/some-model") == \
+        "family: read from the hub when you estimate memory or start (`someone/some-model`)"
+    assert "not a folder, a short name or a hub id" in ui.family_text("no such thing")
+    ws.start("two", {**TOY, "max_steps": 2, "checkpointing_steps": 2, "num_validation_images": 0}, ups)
+    s = _wait(lambda: (lambda s: s if s.status in ("finished", "failed") else None)(state(ws.run_dir("two"))), 120)
+    assert s.status == "finished", s.log_tail
+    data = ws.root / "data" / "two"
+    assert sorted(p.name for p in data.iterdir()) == ["image-1.png", "image-2.png"]
+    for up, copy in zip(ups, sorted(data.iterdir())):
+        assert up.read_bytes() == copy.read_bytes()

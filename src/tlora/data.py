@@ -65,6 +65,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def square(im: Image.Image, resolution: int) -> Image.Image:
+    """The image as training sees it: the centred square, resized to ``resolution`` px (bicubic)."""
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Centre crop to a square, resize to ``resolution``; (3, res, res) float32 in [-1, 1]."""
     try:
@@ -72,10 +80,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
             im = to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:
         raise UsageError(f"cannot read image {path}: {first_line(e)}") from None
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    im = square(im, resolution)
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 

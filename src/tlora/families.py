@@ -97,10 +97,17 @@ FAMILIES = {f.name: f for f in (
 
 def detect(denoiser: nn.Module) -> Family:
     """The family of a denoiser, from its class (and for UNets, its added conditioning)."""
-    cls = type(denoiser).__name__
+    cfg = getattr(denoiser, "config", {})
+    return detect_config({"_class_name": type(denoiser).__name__,
+                          "addition_embed_type": getattr(cfg, "addition_embed_type", None)})
+
+
+def detect_config(config: dict) -> Family:
+    """The family of a denoiser's diffusers config (``_class_name``; for UNets, ``addition_embed_type``), read
+    without building the model."""
+    cls = config.get("_class_name")
     if cls == "UNet2DConditionModel":
-        cfg = getattr(denoiser, "config", {})
-        return FAMILIES["sdxl" if getattr(cfg, "addition_embed_type", None) == "text_time" else "sd15"]
+        return FAMILIES["sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"]
     for fam in FAMILIES.values():
         if fam.denoiser_class == cls:
             return fam

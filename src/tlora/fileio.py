@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Type
+from typing import Callable, Dict, Iterable, Optional, Type
 
 import yaml
 
@@ -243,9 +243,13 @@ def read_text(path: os.PathLike, what: str) -> str:
         raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
 
 
-def save_png(image, path: os.PathLike) -> Path:
-    """A PIL image as PNG, written atomically."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
+def save_png(image, path: os.PathLike, text: Optional[Dict[str, str]] = None) -> Path:
+    """A PIL image as PNG, written atomically; ``text``: tEXt chunks (e.g. the settings that made it)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), suffix=".png")
 
 
 def read_mapping(path: os.PathLike, what: str, error: Type[Exception] = ValueError, kind: str = "json",

@@ -54,6 +54,7 @@ class SettingError(UsageError):
 
     def __init__(self, key: str, requirement: str, value: Any, source: Optional[str] = None, spelled: str = ""):
         self.key, self.requirement, self.value, self.source = key, requirement, value, source
+        self.spelled = spelled or key                    # the key as its source writes it (``tlora.min_rank``)
         where = f" in {source}" if source else ""
         super().__init__(f"{spelled or key}{where} must be {requirement}, got {_short(value)}")
 

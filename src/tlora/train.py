@@ -173,7 +173,7 @@ class Progress:
         per_step = (time.time() - self.t0) / max(done - self.start, 1)
         if done - self.start == self.ESTIMATE_AFTER and done < self.total:
             left = per_step * (self.total - done)
-            print(f"tlora train: {per_step:.2f} s per step: about {_duration(left)} for the {self.total - done} "
+            print(f"tlora train: {per_step:.2f} s per step: about {duration_text(left)} for the {self.total - done} "
                   "steps left", file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.update(1)
@@ -186,7 +186,7 @@ class Progress:
             self.bar.close()
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
         f"{seconds / 3600:.1f} h"
 
@@ -229,7 +229,7 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = self._owner()
-            if owner is not None and owner != os.getpid() and _alive(owner):
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
                 raise UsageError(f"{out} is in use by another tlora run (pid {owner}); wait for it to finish "
                                  "or choose another output_dir") from None
             fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)          # stale: its process is gone
@@ -256,7 +256,7 @@ class RunLock:
             pid = int((out / ".tlora.lock").read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def release(self) -> None:
         if self._owner() == os.getpid():
@@ -265,14 +265,18 @@ class RunLock:
             self.path.parent.rmdir()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs (a zombie — exited, not yet reaped by its parent — does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:     # exists, owned by someone else
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):   # no /proc (macOS): kill(0) is the answer
+        return True
 
 
 # -- 1. setup ----------------------------------------------------------------------------------------------------
