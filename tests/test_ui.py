@@ -67,6 +67,8 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path, upload):
     ws = Workspace(tmp_path / "ws")
     ws.start("r", {**TOY, "checkpointing_steps": 1000}, ws.save_upload(upload))
     _wait(lambda: state(ws.run_dir("r")).status == "running" and state(ws.run_dir("r")).step >= 5, 90)
+    from tlora.ui.actions import progress
+    assert re.fullmatch(r"r: running, step \d+ of 80 — about \d+ s left", progress(ws, "r")[0])   # the ETA
     with pytest.raises(UsageError, match="one training at a time"):             # starting twice
         ws.start("other", TOY, ws.save_upload(upload))
     assert not ws.run_dir("other").exists()
@@ -188,17 +190,30 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
             page.locator("input[type=file]").first.set_input_files(str(upload))       # 1. the image
-            expect(page.locator("img").first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("1 image at 32×32 px, as training sees them")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("training prompt: `a photo of sks shape`")).to_be_visible(timeout=30_000) \
                 if page.get_by_text("training prompt").count() else None
             _shot(page, "1-image")
             page.get_by_role("tab", name="2 · Recipe").click()                          # 2. the recipe
+            expect(page.get_by_text("UNet2DConditionModel, 32 px")).to_be_visible(timeout=30_000)   # its family
+            box = page.get_by_label("max_steps", exact=True)                            # a bad value …
+            box.fill("-5")
+            box.press("Enter")
+            page.get_by_role("tab", name="3 · Train").click()
+            page.get_by_role("button", name="start").click()                            # … refused, in one line
+            expect(page.get_by_text("not started: fix what is marked beside max_steps (page 2)")).to_be_visible(
+                timeout=30_000)
+            page.get_by_role("tab", name="2 · Recipe").click()                          # … and beside the field
+            expect(page.get_by_text("max_steps must be an integer >= 1 and <= 10000000, got -5")).to_be_visible(
+                timeout=30_000)
+            assert sorted(p.name for p in (root / "runs").iterdir()) == []              # nothing started
             for label, value in (("Rmin", "2"), ("rank R", "8"), ("max_steps", "300"), ("validate every", "100")):
                 box = page.get_by_label(label, exact=True)
                 box.fill(value)
                 box.press("Enter")
             expect(page.get_by_text("R=8, Rmin=2, α=1")).to_be_visible(timeout=30_000) \
                 if page.get_by_text("R=8").count() else None
+            expect(page.get_by_text("max_steps must be an integer")).to_have_count(0, timeout=30_000)  # cleared
             page.get_by_role("button", name="estimate memory").click()
             expect(page.get_by_text("expected peak")).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"32 px, batch 4, rank 8\); this machine has .*: fits"))).to_be_visible()
@@ -222,7 +237,13 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             box.fill("5")
             box.press("Enter")
             page.get_by_role("button", name="generate").click()
-            expect(page.locator("img[alt='generated'], img[src*='image']").last).to_be_visible(timeout=120_000)
+            saved = page.locator("a[href*='image-']").last                              # the PNG, with settings
+            expect(saved).to_be_visible(timeout=120_000)
+            with page.expect_download() as download:
+                saved.click()
+            download.value.save_as(tmp_path / "generated.png")
+            page.get_by_role("button", name="compare").click()                          # checkpoints × prompts
+            expect(page.locator("a[href*='grid-']").last).to_be_visible(timeout=120_000)
             _shot(page, "4-generate")
             page.get_by_role("tab", name="5 · Export").click()                          # 5. export
             page.get_by_role("button", name="export").click()
@@ -246,6 +267,15 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
     from tlora.generate import load_denoiser
     net = tlora.load(got, load_denoiser(model_path("toyworld")))
     assert len(net.adapters) > 0
+    import json
+    with Image.open(tmp_path / "generated.png") as im:
+        assert im.size == (256, 256) and json.loads(im.text["tlora"]) == {
+            "run": "my-run", "weights": "final", "prompt": "a photo of sks shape on a red background, at the bottom "
+            "right", "seed": 0, "steps": 5, "guidance": 3.0, "mask": True, "strength": 1.0}
+    grids = list((root / "generated" / "my-run").glob("grid-*.png"))
+    with Image.open(grids[0]) as im:                     # 2 prompts × the final weights, labelled
+        assert len(grids) == 1 and json.loads(im.text["tlora"])["weights"] == ["final"]
+        assert im.width == 140 + 128 and 256 + 12 <= im.height <= 256 + 60      # label band, then 2 × 128 px
 
 
 # -- the app's actions without a browser ------------------------------------------------------------------------------
@@ -314,8 +344,9 @@ def test_generate_is_seeded_masked_with_strength_and_saved_with_its_settings(fin
     assert s10["weights"] == "step 10" and not np.array_equal(step10, on)
     saved = sorted((finished.root / "generated" / "done").glob("image-*.png"))
     assert len(saved) == 6
-    for bad, kw, says in ((("done", "  ", 0, 3, 3.0), {}, "prompt is empty"), (args, {"weights": "step 7"}, "no step 7"),
-                          (("done", "p", 0, 0, 3.0), {}, "steps must be"), (args, {"strength": 99.0}, "strength must")):
+    for bad, kw, says in ((("done", "  ", 0, 3, 3.0), {}, "prompt is empty"),
+                          (args, {"weights": "step 7"}, "no step 7"), (("done", "p", 0, 0, 3.0), {}, "steps must be"),
+                          (args, {"strength": 99.0}, "strength must")):
         with pytest.raises(UsageError, match=says):
             ui.generate(finished, *bad, **kw)
     assert len(sorted((finished.root / "generated" / "done").glob("*.png"))) == 6          # nothing written

@@ -65,7 +65,7 @@ def collect(main: Dict, tl: Dict, advanced: Dict[str, str]) -> Dict:
     from ..config import TLoRAConfig
     from ..settings import SettingError, specs
     from ..trainconfig import TrainConfig
-    schema = {**specs(TrainConfig), **{f"tlora.{k}": s for k, s in specs(TLoRAConfig).items()}, **dict(advanced_fields())}
+    schema = {**specs(TrainConfig), **{f"tlora.{k}": s for k, s in specs(TLoRAConfig).items()}}
     values = {k: v for k, v in main.items() if v not in (None, "")}
     values.update({f"tlora.{k}": v for k, v in tl.items() if v not in (None, "")})
     if values.get("resolution") == 0:
@@ -91,6 +91,24 @@ def collect(main: Dict, tl: Dict, advanced: Dict[str, str]) -> Dict:
     if problems:
         raise FormError(problems)
     return settings
+
+
+def field_problem(key: str, value) -> str:
+    """The message for one field's value on its own (its schema's check; ``name``: a run name), "" when fine."""
+    if key == "name":
+        try:
+            check_name(value)
+        except UsageError as e:
+            return str(e)
+        return ""
+    short = key.split(".", 1)[-1]
+    main, tl, advanced = ({key: value}, {}, {}) if key in MAIN else ({}, {short: value}, {}) \
+        if key.startswith("tlora.") and short in MAIN_TLORA else ({}, {}, {key: value})
+    try:
+        collect(main, tl, advanced)
+    except FormError as e:
+        return e.problems.get(key, "")
+    return ""
 
 
 def form_problems(ws: Workspace, name: str, images, main: Dict, tl: Dict, advanced: Dict[str, str],
@@ -120,6 +138,16 @@ def form_problems(ws: Workspace, name: str, images, main: Dict, tl: Dict, advanc
     return {}
 
 
+def page_of(key: str) -> str:
+    """The page (and section) a form field is on, for a message shown on another page."""
+    if key in ("images", "placeholder", "class_name", "prompt_template"):
+        return "page 1"
+    if key in ("name", "overwrite", "twin"):
+        return "this page"
+    return "page 2" if key in MAIN or key.split(".", 1)[-1] in MAIN_TLORA and key.startswith("tlora.") \
+        else "page 2, advanced"
+
+
 # -- the recipe page ------------------------------------------------------------------------------------------------
 def schedule_figure(rank: int, min_rank: int, exponent: float):
     """r(t) for t in [0, 1000] (matplotlib figure; labelled axes, the ranks' range with room above it)."""
@@ -132,6 +160,7 @@ def schedule_figure(rank: int, min_rank: int, exponent: float):
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     ax.step(ts, s.ranks(ts), where="post", label=f"R={s.max_rank}, Rmin={s.min_rank}, α={s.exponent:g}")
     ax.set_ylim(0, s.max_rank * 1.15 + 1)
+    ax.set_title("r(t): active ranks by timestep", fontsize=10)
     ax.set_xlabel("timestep t (0 = clean, 1000 = noise)")
     ax.set_ylabel("active ranks")
     ax.legend(loc="lower left")
@@ -239,6 +268,8 @@ def progress(ws: Workspace, name: str) -> Tuple:
         return ("no run selected", *frames, None, None)
     states = [state(ws.run_dir(r)) for r in runs]
     s = states[0]
+    if not ws.run_dir(name).is_dir():
+        return (f"{name}: not started yet", *frames, None, None)
     line = f"{name}: {s.status}, step {s.step} of {s.max_steps or '?'}" + _eta(s)
     if s.status == "failed":
         line += f" — {s.log_tail.strip().splitlines()[-1] if s.log_tail.strip() else ''}"

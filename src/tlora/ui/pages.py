@@ -81,7 +81,7 @@ def recipe_page():
             val_steps = gr.Number(50, label="validate every", precision=0)
         with gr.Row():
             with gr.Column():
-                plot = gr.Plot(label="r(t): active ranks by timestep")
+                plot = gr.Plot(show_label=False)              # the figure carries its title
                 plot_note = gr.Markdown()
             with gr.Column():
                 mem = gr.Markdown()
@@ -116,7 +116,8 @@ def train_page(ws: Workspace, files, kept, form):
     with gr.Tab("3 · Train"):
         with gr.Row():
             name = gr.Textbox("my-run", label="run name (a folder of the workspace)")
-            overwrite = gr.Checkbox(False, label="overwrite: train this run again from step 0 with its saved recipe (asked explicitly)")
+            overwrite = gr.Checkbox(False, label="overwrite: train this run again from step 0 with its saved recipe "
+                                                 "(asked explicitly)")
             twin = gr.Checkbox(False, label="then a LoRA twin: the same recipe as plain LoRA (<name>-lora)")
         with gr.Row():
             start, stop, resume = gr.Button("start", variant="primary"), gr.Button("stop"), gr.Button("resume")
@@ -130,29 +131,38 @@ def train_page(ws: Workspace, files, kept, form):
                               label="evaluation per checkpoint (set eval_clip_model / eval_dino_model under advanced)")
         runs = gr.Dataframe(headers=["run", "status", "step", "final weights"], label="runs of this workspace",
                             interactive=False)
-    keys = ["name", "overwrite", "twin", "images", "uploads", *main, *(f"tlora.{k}" for k in tl), *advanced,
+    keys = ["name", "overwrite", "twin", "images", *main, *(f"tlora.{k}" for k in tl), *advanced,
             "placeholder", "class_name", "prompt_template"]
-    inputs = [name, overwrite, twin, files, kept, *main.values(), *tl.values(), *advanced.values(), *subject]
+    marked = [name, overwrite, twin, files, *main.values(), *tl.values(), *advanced.values(), *subject]  # as keys
+    inputs = [*marked, kept]
 
     def split(values):
-        v = dict(zip(keys, values))
+        v = dict(zip([*keys, "uploads"], values))
         m = {k: v[k] for k in [*main, "placeholder", "class_name", "prompt_template"]}
         return v, m, {k: v[f"tlora.{k}"] for k in tl}, {k: v[k] for k in advanced}
 
-    def check(*values):
+    def begin(*values):
+        """Start the run; or refuse (nothing started) in one line naming each bad field and its page."""
         v, m, t, a = split(values)
         if v["overwrite"] and act.NAME_OK(v["name"] or "") and ws.run_dir(v["name"]).exists():
-            return [gr.validate(True, "")] * len(keys)       # trains the run again with its saved recipe
-        problems = act.form_problems(ws, v["name"], v["uploads"], m, t, a, v["twin"])
-        return [gr.validate(k not in problems, problems.get(k, "")) for k in keys]
-
-    def begin(*values):
-        v, m, t, a = split(values)
-        if v["overwrite"] and ws.run_dir(v["name"]).exists():
             return f"started **{v['name']}** again (process {ws.start(v['name'], {}, None, 'overwrite')})"
+        problems = act.form_problems(ws, v["name"], v["uploads"], m, t, a, v["twin"])
+        if problems:
+            raise UsageError("not started: fix what is marked beside "
+                             + ", ".join(f"{k} ({act.page_of(k)})" for k in problems))
         pid = ws.start(v["name"], act.collect(m, t, a), v["uploads"], "new", bool(v["twin"]))
         return f"started **{v['name']}** (process {pid})"
-    start.click(say(begin), inputs, status, validator=check)
+
+    def mark(*values):
+        """Each bad field's own message beside it (Gradio's validator; it runs after a refused start)."""
+        v, m, t, a = split(values)
+        problems = act.form_problems(ws, v["name"], v["uploads"], m, t, a, v["twin"])
+        return [gr.validate(k not in problems, problems.get(k, "")) for k in keys] + [gr.validate(True, "")]
+    start.click(say(begin), inputs, status).failure(lambda *values: None, inputs, None, validator=mark)
+    for key, box in zip(keys, marked):
+        if key not in ("overwrite", "twin", "images"):       # each field checked as it changes (marks cleared too)
+            box.change(lambda v: None, box, None, validator=lambda v, k=key: [gr.validate(
+                not act.field_problem(k, v), act.field_problem(k, v))], queue=False)
     stop.click(say(lambda run: f"stopping **{run}**: it saves a checkpoint (process {ws.stop(run)})"), name, status)
     resume.click(say(lambda run: f"resumed **{run}** (process {ws.start(run, {}, None, 'resume')})"), name, status)
     _refresh(ws, name, [status, *charts, grid, twin_grid, scores, runs])
