@@ -86,7 +86,8 @@ def _tree(p: Path):
 
 
 @pytest.mark.parametrize("kind", ["not an image", "20000x20000 png", "dotdot name", "negative steps",
-                                  "absurd rank", "bad run name", "reserved key", "foreign image path"])
+                                  "absurd rank", "bad run name", "reserved key", "foreign image path",
+                                  "class images outside the workspace", "twin of a resumed run"])
 def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind):
     ws = Workspace(tmp_path / "ws")
     good = ws.save_upload(upload)
@@ -120,6 +121,16 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind)
         name, says = "../escape", "run name"
     elif kind == "reserved key":
         settings["output_dir"], says = "/etc", "output_dir"
+    elif kind == "class images outside the workspace":
+        settings["class_data_dir"], says = str(tmp_path), "class_data_dir must be a folder inside the workspace"
+        (ws.root / "class-link").symlink_to(tmp_path)        # a link inside leading outside is outside
+        before = _tree(ws.root)
+        with pytest.raises(UsageError, match=re.escape(says)):
+            ws.start(name, {**settings, "class_data_dir": str(ws.root / "class-link")}, image)
+    elif kind == "twin of a resumed run":
+        with pytest.raises(UsageError, match="a LoRA twin is started with a new run"):
+            ws.start("r", {}, None, "resume", twin=True)
+        return
     else:
         image, says = upload, "not an upload of this workspace"
     if says:
@@ -189,7 +200,11 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
-            page.locator("input[type=file]").first.set_input_files(str(upload))       # 1. the image
+            (tmp_path / "notes.png").write_text("not an image")                        # 1. a non-image …
+            page.locator("input[type=file]").first.set_input_files(str(tmp_path / "notes.png"))
+            expect(page.get_by_text("the upload is not an image PIL can read")).to_be_visible(timeout=30_000)
+            assert list((root / "uploads").iterdir()) == []                            # … marked, not kept
+            page.locator("input[type=file]").first.set_input_files(str(upload))       # the image
             expect(page.get_by_text("1 image at 32×32 px, as training sees them")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("training prompt: `a photo of sks shape`")).to_be_visible(timeout=30_000) \
                 if page.get_by_text("training prompt").count() else None

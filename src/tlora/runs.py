@@ -139,6 +139,8 @@ class Workspace:
         from .trainconfig import TrainConfig
         if mode not in ("new", "resume", "overwrite"):
             raise UsageError(f"mode {mode!r}: new, resume or overwrite")
+        if twin and mode != "new":
+            raise UsageError("a LoRA twin is started with a new run")
         out, busy = self.run_dir(name), self.busy()
         if busy is not None:
             raise UsageError(f"run {busy} is training: one training at a time; stop it or wait for it")
@@ -146,8 +148,6 @@ class Workspace:
             raise UsageError(f"run {name} exists: resume it, overwrite it (asked explicitly) or choose another name")
         if mode != "new" and not (out / "config.json").is_file():
             raise UsageError(f"run {name} has not been started here: nothing to {mode}")
-        if twin and mode != "new":
-            raise UsageError("a LoRA twin is started with a new run")
         cfg = json.loads((out / "config.json").read_text()) if mode != "new" else \
             self._new_config(name, settings, self._uploads(images))
         checked = TrainConfig.from_dict(cfg, "the run's settings")
@@ -187,6 +187,10 @@ class Workspace:
         reserved = {"output_dir", "data_dir", "one_image", "resume", "overwrite"} & set(settings)
         if reserved:
             raise UsageError(f"{sorted(reserved)[0]} is set by the workspace, not by a setting")
+        cls = settings.get("class_data_dir")
+        if cls and not Path(cls).resolve().is_relative_to(self.root):     # the server reads nothing outside
+            from .settings import SettingError
+            raise SettingError("class_data_dir", f"a folder inside the workspace ({self.root})", cls)
         return {**settings, "output_dir": str(self.run_dir(name)), "data_dir": str(self.root / "data" / name)}
 
     def stop(self, name: str) -> int:
