@@ -204,6 +204,7 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             page.locator("input[type=file]").first.set_input_files(str(tmp_path / "notes.png"))
             expect(page.get_by_text("the upload is not an image PIL can read")).to_be_visible(timeout=30_000)
             assert list((root / "uploads").iterdir()) == []                            # … marked, not kept
+            page.get_by_role("button", name="Clear").first.click()                      # removed (×)
             page.locator("input[type=file]").first.set_input_files(str(upload))       # the image
             expect(page.get_by_text("1 image at 32×32 px, as training sees them")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("training prompt: `a photo of sks shape`")).to_be_visible(timeout=30_000) \
