@@ -87,7 +87,8 @@ def _tree(p: Path):
 
 @pytest.mark.parametrize("kind", ["not an image", "20000x20000 png", "dotdot name", "negative steps",
                                   "absurd rank", "bad run name", "reserved key", "foreign image path",
-                                  "class images outside the workspace", "twin of a resumed run"])
+                                  "class images outside the workspace", "twin of a resumed run", "symlinked run",
+                                  "symlinked uploads"])
 def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind):
     ws = Workspace(tmp_path / "ws")
     good = ws.save_upload(upload)
@@ -127,6 +128,21 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind)
         before = _tree(ws.root)
         with pytest.raises(UsageError, match=re.escape(says)):
             ws.start(name, {**settings, "class_data_dir": str(ws.root / "class-link")}, image)
+    elif kind in ("symlinked run", "symlinked uploads"):          # a link inside the workspace leading out of it
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        if kind == "symlinked run":
+            (ws.root / "runs" / "r").symlink_to(outside)
+            call = lambda: ws.start("r", settings, image)         # noqa: E731
+        else:
+            shutil.rmtree(ws.root / "uploads")
+            (ws.root / "uploads").symlink_to(outside)
+            call = lambda: ws.save_upload(upload)                 # noqa: E731
+        before = _tree(ws.root)
+        with pytest.raises(UsageError, match="is a symlink: the workspace reads and writes only inside itself"):
+            call()
+        assert list(outside.iterdir()) == [] and _tree(ws.root) == before
+        return
     elif kind == "twin of a resumed run":
         with pytest.raises(UsageError, match="a LoRA twin is started with a new run"):
             ws.start("r", {}, None, "resume", twin=True)
@@ -391,6 +407,25 @@ def test_the_comparison_grid_is_checkpoints_by_prompts_with_mask_on_and_off(fini
                                          ("\n".join(["p"] * 40), ["final"], (True, False), "at most 64")):
         with pytest.raises(UsageError, match=says):
             ui.compare(finished, "done", prompts, labels, 0, 3, 3.0, masks, 1.0)
+
+
+def test_generated_images_and_exports_never_follow_a_symlink_out_of_the_workspace(finished, tmp_path):
+    from tlora.ui import actions as ui
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for sub in ("generated", "exports"):
+        (finished.root / sub).mkdir(exist_ok=True)
+        (finished.root / sub / "done-lora").symlink_to(outside)
+    try:
+        for call in (lambda: ui.generate(finished, "done-lora", "a photo of sks shape", 0, 2, 3.0),
+                     lambda: ui.compare(finished, "done-lora", "p", ["final"], 0, 2, 3.0),
+                     lambda: ui.export(finished, "done-lora", "tlora")):
+            with pytest.raises(UsageError, match="is a symlink"):
+                call()
+        assert list(outside.iterdir()) == []
+    finally:
+        for sub in ("generated", "exports"):
+            (finished.root / sub / "done-lora").unlink()
 
 
 def test_the_lora_twin_is_the_same_recipe_as_plain_lora_trained_after_its_run(finished):

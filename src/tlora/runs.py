@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import UsageError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, show, write_json
 
 MAX_UPLOAD_BYTES = 50 * 2**20         # an image file larger than this is refused before it is decoded
 MAX_UPLOAD_PIXELS = 40_000_000        # 40 MP: more is no photograph one trains on here (and a decompression bomb)
@@ -88,21 +88,35 @@ class Workspace:
 
     def __init__(self, root):
         self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
         for sub in ("uploads", "data", "runs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.folder(sub)
+
+    def folder(self, *parts: str, make: bool = True) -> Path:
+        """``root/parts…`` (made when missing unless ``make`` is False); a symlink on the way is refused — one
+        would lead the workspace's writes outside it."""
+        p = self.root
+        for part in parts:
+            p = p / part
+            if p.is_symlink():
+                raise UsageError(f"{show(p)} is a symlink: the workspace reads and writes only inside itself; "
+                                 "remove the link")
+            if make:
+                p.mkdir(exist_ok=True)
+        return p
 
     # -- uploads ------------------------------------------------------------------------------------------------
     def save_upload(self, src) -> Path:
         """Keep an uploaded image (checked by :func:`check_upload`) as ``uploads/<random>.png``; UsageError in one
         line otherwise, nothing written."""
         rgb = check_upload(src)
-        dest = self.root / "uploads" / f"{uuid.uuid4().hex}.png"
+        dest = self.folder("uploads") / f"{uuid.uuid4().hex}.png"
         atomic_write(dest, lambda tmp: rgb.save(tmp, format="PNG"), suffix=".png")
         return dest
 
     # -- runs -----------------------------------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / check_name(name)
+        return self.folder("runs", check_name(name), make=False)
 
     def names(self) -> List[str]:
         runs = self.root / "runs"
@@ -153,8 +167,8 @@ class Workspace:
         checked = TrainConfig.from_dict(cfg, "the run's settings")
         flags = {"new": [], "resume": ["--resume", "latest"] if scan(out) else [], "overwrite": ["--overwrite"]}
         queue = [(out, cfg, flags[mode])]
-        waiting = self.root / "runs" / twin_name(name)
-        if mode == "resume" and NAME.fullmatch(waiting.name) and state(waiting).status == "new" and \
+        waiting = self.folder("runs", twin_name(name), make=False) if NAME.fullmatch(twin_name(name)) else None
+        if mode == "resume" and waiting is not None and state(waiting).status == "new" and \
                 (waiting / "config.json").is_file():
             queue.append((waiting, json.loads((waiting / "config.json").read_text()), []))     # its twin still waits
         if twin:
@@ -178,8 +192,11 @@ class Workspace:
         return found
 
     def _write_data(self, cfg: Dict, images) -> None:
-        data = Path(cfg["data_dir"])
-        data.mkdir(parents=True, exist_ok=True)
+        """The new run's images as ``data/<run>/image-N.png`` (copies an earlier run of that name left are removed
+        first: the run trains on these images only)."""
+        data = self.folder("data", Path(cfg["data_dir"]).name)
+        for old in data.glob("image-*.png"):
+            old.unlink()
         for i, image in enumerate(self._uploads(images)):
             shutil.copyfile(image, data / f"image-{i + 1}.png")
 
@@ -191,7 +208,8 @@ class Workspace:
         if cls and not Path(cls).resolve().is_relative_to(self.root):     # the server reads nothing outside
             from .settings import SettingError
             raise SettingError("class_data_dir", f"a folder inside the workspace ({self.root})", cls)
-        return {**settings, "output_dir": str(self.run_dir(name)), "data_dir": str(self.root / "data" / name)}
+        return {**settings, "output_dir": str(self.run_dir(name)),
+                "data_dir": str(self.folder("data", name, make=False))}
 
     def stop(self, name: str) -> int:
         """SIGINT to the run's process: it finishes the step, saves a checkpoint and exits (resumable)."""

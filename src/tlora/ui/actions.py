@@ -362,7 +362,7 @@ def _save(ws: Workspace, name: str, image, settings: Dict, kind: str) -> Path:
     the A1111 / ComfyUI viewers show it; ``tlora``: the same as JSON)."""
     from ..fileio import save_png
     line = ", ".join(f"{k}: {v}" for k, v in settings.items())
-    path = ws.root / "generated" / name / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"
+    path = ws.folder("generated", name) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"
     return save_png(image, path, {"parameters": line, "tlora": json.dumps(settings)})
 
 
@@ -440,7 +440,7 @@ def export(ws: Workspace, name: str, fmt: str) -> Path:
     s = state(ws.run_dir(name))
     if s.final is None:
         raise UsageError(f"run {name} has no final weights yet ({s.status})")
-    out = ws.root / "exports" / name
+    out = ws.folder("exports", name)
     if fmt == "comfyui workflow":
         cfg = json.loads((ws.run_dir(name) / "config.json").read_text())
         prompt = f"a photo of {cfg.get('placeholder', 'sks')} {cfg.get('class_name', '')}".strip()
