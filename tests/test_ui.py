@@ -209,7 +209,7 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
     root, port = tmp_path / "ws", free_port()
     server = _serve(root, port)
     url = f"http://127.0.0.1:{port}/"
-    status = lambda page, what: expect(page.get_by_text(re.compile(rf"my-run: {what}"))).to_be_visible(  # noqa
+    status = lambda page, what: expect(page.get_by_text(re.compile(rf"star: {what}"))).to_be_visible(  # noqa
         timeout=240_000)
     try:
         with sync_playwright() as p:
@@ -223,8 +223,7 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             page.get_by_role("button", name="Clear").first.click()                      # removed (×)
             page.locator("input[type=file]").first.set_input_files(str(upload))       # the image
             expect(page.get_by_text("1 image at 32×32 px, as training sees them")).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("training prompt: `a photo of sks shape`")).to_be_visible(timeout=30_000) \
-                if page.get_by_text("training prompt").count() else None
+            expect(page.get_by_text("training prompt: a photo of sks shape")).to_be_visible(timeout=30_000)
             _shot(page, "1-image")
             page.get_by_role("tab", name="2 · Recipe").click()                          # 2. the recipe
             expect(page.get_by_text("UNet2DConditionModel, 32 px")).to_be_visible(timeout=30_000)   # its family
@@ -243,16 +242,17 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
                 box = page.get_by_label(label, exact=True)
                 box.fill(value)
                 box.press("Enter")
-            expect(page.get_by_text("R=8, Rmin=2, α=1")).to_be_visible(timeout=30_000) \
-                if page.get_by_text("R=8").count() else None
             expect(page.get_by_text("max_steps must be an integer")).to_have_count(0, timeout=30_000)  # cleared
             page.get_by_role("button", name="estimate memory").click()
             expect(page.get_by_text("expected peak")).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"32 px, batch 4, rank 8\); this machine has .*: fits"))).to_be_visible()
             _shot(page, "2-recipe")
             page.get_by_role("tab", name="3 · Train").click()                           # 3. train
+            box = page.get_by_label("run name (a folder of the workspace)")
+            box.fill("star")
+            box.press("Enter")
             page.get_by_role("button", name="start").click()
-            status(page, "running")
+            status(page, "(starting|running)")
             page.close()                                     # the browser goes away mid-run …
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)                                   # … and a new page finds the same run
@@ -279,7 +279,7 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             _shot(page, "4-generate")
             page.get_by_role("tab", name="5 · Export").click()                          # 5. export
             page.get_by_role("button", name="export").click()
-            link = page.locator("a[href*='my-run.safetensors']").last
+            link = page.locator("a[href*='star.safetensors']").last
             expect(link).to_be_visible(timeout=60_000)
             _shot(page, "5-export")
             with page.expect_download() as download:
@@ -291,7 +291,7 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         server.stdout.close()
-    final = root / "runs" / "my-run" / "tlora.safetensors"
+    final = root / "runs" / "star" / "tlora.safetensors"
     a, b = load_file(str(got)), load_file(str(final))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import tlora
@@ -302,9 +302,9 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
     import json
     with Image.open(tmp_path / "generated.png") as im:
         assert im.size == (256, 256) and json.loads(im.text["tlora"]) == {
-            "run": "my-run", "weights": "final", "prompt": "a photo of sks shape on a red background, at the bottom "
+            "run": "star", "weights": "final", "prompt": "a photo of sks shape on a red background, at the bottom "
             "right", "seed": 0, "steps": 5, "guidance": 3.0, "mask": True, "strength": 1.0}
-    grids = list((root / "generated" / "my-run").glob("grid-*.png"))
+    grids = list((root / "generated" / "star").glob("grid-*.png"))
     with Image.open(grids[0]) as im:                     # 2 prompts × the final weights, labelled
         assert len(grids) == 1 and json.loads(im.text["tlora"])["weights"] == ["final"]
         assert im.width == 140 + 128 and 256 + 12 <= im.height <= 256 + 60      # label band, then 2 × 128 px
@@ -495,9 +495,42 @@ def test_each_bad_field_is_named_and_nothing_is_written(tmp_path, upload):
     assert ui.form_problems(ws, "r", up, main, {"rank": 4.0, "min_rank": 8.0}, {}) == {
         "tlora.min_rank": "tlora.min_rank in the run's settings must be <= rank (4), got 8"}
     assert set(ui.form_problems(ws, "r" * 62, up, main, {"rank": 8.0, "min_rank": 2.0}, {}, twin=True)) == {"name"}
+    assert ui.form_problems(ws, "r", up, {**main, "prompt_template": "{x} shape"}, {"rank": 8.0, "min_rank": 2.0},
+                            {}) == {"prompt_template": "prompt_template '{x} shape' uses {x}: only {placeholder} and "
+                                                       "{class_name} are filled in"}       # what tlora train refuses
+    assert set(ui.form_problems(ws, "r", up, main, {"rank": 8.0, "min_rank": 2.0},
+                                {"eval_clip_model": '"/m"', "best_metric": '"DINO_IS"'})) == {"best_metric"}
+    assert ui.prompt_text("a photo of {placeholder} {class_name}", "sks", "") == "training prompt: a photo of sks"
+    assert ui.prompt_text("{0}", "sks", "dog").startswith("no training prompt: prompt_template '{0}' uses {0}")
     with pytest.raises(ui.FormError, match="^max_steps must be"):
         ui.collect({**main, "max_steps": -1.0}, {}, {})
     assert _tree(ws.root) == before
+
+
+def test_the_schedule_plot_draws_r_of_t_with_room_above_it():
+    import numpy as np
+    from tlora.schedule import RankSchedule
+    from tlora.ui.actions import schedule_figure
+    ax = schedule_figure(8, 2, 1.0).axes[0]
+    line = ax.get_lines()[0]
+    t = np.asarray(line.get_xdata())
+    assert list(line.get_ydata()) == list(RankSchedule(8, 2, 1.0, 1000).ranks(list(t)))
+    assert t[0] == 0 and t[-1] == 1000 and ax.get_ylim()[1] > 8
+    assert ax.get_legend().get_texts()[0].get_text() == "R=8, Rmin=2, α=1"
+    assert ax.get_title() == "r(t): active ranks by timestep"
+    with pytest.raises(ValueError):
+        schedule_figure(2, 8, 1.0)
+
+
+def test_a_reopened_page_opens_on_the_run_training_else_the_latest(finished, tmp_path):
+    import os
+    from tlora.ui import actions as ui
+    assert ui.current_run(Workspace(tmp_path / "empty")) == "my-run"
+    os.utime(finished.run_dir("done-lora"), ns=(1, 1))
+    os.utime(finished.run_dir("done"), ns=(2, 2))
+    assert ui.current_run(finished) == "done"
+    os.utime(finished.run_dir("done-lora"), ns=(3, 3))
+    assert ui.current_run(finished) == "done-lora"
 
 
 def test_several_images_train_one_run_and_each_is_shown_as_training_sees_it(tmp_path):

@@ -165,6 +165,7 @@ class Workspace:
         cfg = json.loads((out / "config.json").read_text()) if mode != "new" else \
             self._new_config(name, settings, self._uploads(images))
         checked = TrainConfig.from_dict(cfg, "the run's settings")
+        checked.validate()                   # the rules between fields, templates, device: what `tlora train` checks
         flags = {"new": [], "resume": ["--resume", "latest"] if scan(out) else [], "overwrite": ["--overwrite"]}
         queue = [(out, cfg, flags[mode])]
         waiting = self.folder("runs", twin_name(name), make=False) if NAME.fullmatch(twin_name(name)) else None
@@ -176,7 +177,7 @@ class Workspace:
             if other.exists():
                 raise UsageError(f"run {other.name} exists: choose another name for the run and its LoRA twin")
             queue.append((other, lora_twin(cfg, checked.tlora.rank, str(other)), []))
-            TrainConfig.from_dict(queue[1][1], "the LoRA twin's settings")
+            TrainConfig.from_dict(queue[1][1], "the LoRA twin's settings").validate()
         return queue
 
     def _uploads(self, images) -> List[Path]:

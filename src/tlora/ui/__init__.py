@@ -16,7 +16,7 @@ def build_app(workspace) -> "object":
     import gradio as gr
     from ..runs import Workspace
     from . import pages
-    from .actions import schedule_figure
+    from .actions import current_run, schedule_figure
     ws = Workspace(workspace)
     with gr.Blocks(title="tlora: one-image T-LoRA") as app:
         gr.Markdown("# tlora — T-LoRA from one image\nImage → recipe → train → generate → export. Training runs as "
@@ -24,6 +24,7 @@ def build_app(workspace) -> "object":
         parts = pages.build(ws)
         tl = parts["tl"]
         app.load(pages.say(schedule_figure), [tl["rank"], tl["min_rank"], tl["exponent"]], parts["plot"])
+        app.load(lambda: current_run(ws), None, parts["name"])          # a reopened page finds its run
     app.workspace = ws
     return app
 

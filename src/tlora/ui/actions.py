@@ -133,9 +133,22 @@ def form_problems(ws: Workspace, name: str, images, main: Dict, tl: Dict, advanc
         ws.plan(name, settings, images, "new", twin)
     except SettingError as e:
         return {e.spelled: str(e)}
-    except UsageError as e:
-        return {"name": str(e)}
+    except UsageError as e:          # a rule between fields, or the run's name: the field the message starts with
+        known = [*main, *(f"tlora.{k}" for k in tl), *advanced]
+        return {next((k for k in known if str(e).startswith(k + " ")), "name"): str(e)}
     return {}
+
+
+def prompt_text(template: str, placeholder: str, class_name: str) -> str:
+    """The training prompt the caption template gives (as the run will format it), or why there is none."""
+    from ..trainconfig import TrainConfig
+    try:
+        cfg = TrainConfig.from_dict({"model": "toyworld", "data_dir": ".", "output_dir": ".", "placeholder": placeholder,
+                                     "class_name": class_name, "prompt_template": template}, "the caption template")
+        cfg.validate()
+    except UsageError as e:
+        return f"no training prompt: {str(e).splitlines()[0]}"
+    return f"training prompt: {cfg.prompt()}"
 
 
 def page_of(key: str) -> str:
@@ -250,6 +263,13 @@ def preview(images, model: str, resolution) -> Tuple[List, str]:
 
 
 # -- the train page -------------------------------------------------------------------------------------------------
+def current_run(ws: Workspace) -> str:
+    """The run a page opens on: the one training, else the one changed last, else ``my-run``."""
+    names = ws.names()
+    latest = max(names, key=lambda n: ws.run_dir(n).stat().st_mtime_ns) if names else "my-run"
+    return ws.busy() or latest
+
+
 def run_table(ws: Workspace) -> List[List]:
     return [[s.name, s.status, f"{s.step}/{s.max_steps or '?'}", str(s.final or "")] for s in ws.states()]
 

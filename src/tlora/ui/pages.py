@@ -44,7 +44,7 @@ def image_page(ws: Workspace, kept):
             placeholder = gr.Textbox("sks", label="placeholder token")
             class_name = gr.Textbox("shape", label="class word")
             template = gr.Textbox("a photo of {placeholder} {class_name}", label="caption template")
-        prompt = gr.Markdown()
+        prompt = gr.Markdown(act.prompt_text(template.value, placeholder.value, class_name.value))
 
         def check(paths):
             for p in paths or []:
@@ -55,9 +55,8 @@ def image_page(ws: Workspace, kept):
             return [gr.validate(True, "")]
         files.upload(say(lambda paths: [str(ws.save_upload(p)) for p in paths or []]), files, kept, validator=check)
         files.clear(lambda: [], None, kept)
-        show = lambda t, p, c: f"training prompt: `{t.format(placeholder=p, class_name=c)}`"  # noqa: E731
         for box in (placeholder, class_name, template):
-            box.change(say(show), [template, placeholder, class_name], prompt)
+            box.change(act.prompt_text, [template, placeholder, class_name], prompt)
     return files, (shown, seen), (placeholder, class_name, template)
 
 
@@ -165,6 +164,11 @@ def train_page(ws: Workspace, files, kept, form):
                 not act.field_problem(k, v), act.field_problem(k, v))], queue=False)
     stop.click(say(lambda run: f"stopping **{run}**: it saves a checkpoint (process {ws.stop(run)})"), name, status)
     resume.click(say(lambda run: f"resumed **{run}** (process {ws.start(run, {}, None, 'resume')})"), name, status)
+
+    def pick(evt: gr.SelectData):
+        """A row of the runs table picks its run."""
+        return evt.row_value[0] if evt.row_value else gr.skip()
+    runs.select(pick, None, name)
     _refresh(ws, name, [status, *charts, grid, twin_grid, scores, runs])
     return name
 
@@ -241,4 +245,4 @@ def build(ws: Workspace) -> Dict:
     look = [kept, main["model"], main["resolution"]]
     for trigger in (kept.change, main["model"].blur, main["resolution"].change):
         trigger(say(act.preview), look, [shown, seen])
-    return dict(plot=plot, tl=tl)
+    return dict(plot=plot, tl=tl, name=name)
