@@ -143,8 +143,9 @@ def prompt_text(template: str, placeholder: str, class_name: str) -> str:
     """The training prompt the caption template gives (as the run will format it), or why there is none."""
     from ..trainconfig import TrainConfig
     try:
-        cfg = TrainConfig.from_dict({"model": "toyworld", "data_dir": ".", "output_dir": ".", "placeholder": placeholder,
-                                     "class_name": class_name, "prompt_template": template}, "the caption template")
+        cfg = TrainConfig.from_dict({"model": "toyworld", "data_dir": ".", "output_dir": ".",
+                                     "placeholder": placeholder, "class_name": class_name,
+                                     "prompt_template": template}, "the caption template")
         cfg.validate()
     except UsageError as e:
         return f"no training prompt: {str(e).splitlines()[0]}"
