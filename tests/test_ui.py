@@ -88,7 +88,7 @@ def _tree(p: Path):
 @pytest.mark.parametrize("kind", ["not an image", "20000x20000 png", "dotdot name", "negative steps",
                                   "absurd rank", "bad run name", "reserved key", "foreign image path",
                                   "class images outside the workspace", "twin of a resumed run", "symlinked run",
-                                  "symlinked uploads"])
+                                  "symlinked uploads", "too many images"])
 def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind):
     ws = Workspace(tmp_path / "ws")
     good = ws.save_upload(upload)
@@ -143,6 +143,8 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind)
             call()
         assert list(outside.iterdir()) == [] and _tree(ws.root) == before
         return
+    elif kind == "too many images":
+        image, says = [good] * 101, "101 images: a run here trains on at most 100"
     elif kind == "twin of a resumed run":
         with pytest.raises(UsageError, match="a LoRA twin is started with a new run"):
             ws.start("r", {}, None, "resume", twin=True)
@@ -500,6 +502,7 @@ def test_each_bad_field_is_named_and_nothing_is_written(tmp_path, upload):
                                                        "{class_name} are filled in"}       # what tlora train refuses
     assert set(ui.form_problems(ws, "r", up, main, {"rank": 8.0, "min_rank": 2.0},
                                 {"eval_clip_model": '"/m"', "best_metric": '"DINO_IS"'})) == {"best_metric"}
+    assert set(ui.form_problems(ws, "r", up * 101, main, {"rank": 8.0, "min_rank": 2.0}, {})) == {"images"}
     assert ui.prompt_text("a photo of {placeholder} {class_name}", "sks", "") == "training prompt: a photo of sks"
     assert ui.prompt_text("{0}", "sks", "dog").startswith("no training prompt: prompt_template '{0}' uses {0}")
     with pytest.raises(ui.FormError, match="^max_steps must be"):

@@ -35,6 +35,7 @@ from .fileio import atomic_write, show, write_json
 
 MAX_UPLOAD_BYTES = 50 * 2**20         # an image file larger than this is refused before it is decoded
 MAX_UPLOAD_PIXELS = 40_000_000        # 40 MP: more is no photograph one trains on here (and a decompression bomb)
+MAX_RUN_IMAGES = 100                  # T-LoRA trains on one image, or a few; a run of more is a mistake here
 PID_FILE = ".ui-pid"                  # the process the workspace started for a run (see _spawn)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -186,6 +187,8 @@ class Workspace:
             images = [images]
         if not images:
             raise UsageError("no image: upload the image to train on first")
+        if len(images) > MAX_RUN_IMAGES:
+            raise UsageError(f"{len(images)} images: a run here trains on at most {MAX_RUN_IMAGES} (one is enough)")
         found = [Path(i).resolve() for i in images]
         for image in found:
             if image.parent != self.root / "uploads" or not image.is_file():

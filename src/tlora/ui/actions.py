@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import UsageError
-from ..runs import NAME, Workspace, check_name, metrics, state, twin_name
+from ..runs import MAX_RUN_IMAGES, NAME, Workspace, check_name, metrics, state, twin_name
 
 NAME_OK = NAME.fullmatch
 
@@ -123,6 +123,8 @@ def form_problems(ws: Workspace, name: str, images, main: Dict, tl: Dict, advanc
         problems["name"] = str(e)
     if not images:
         problems["images"] = "no image: upload the image to train on (page 1)"
+    elif len(images) > MAX_RUN_IMAGES:
+        problems["images"] = f"{len(images)} images: a run here trains on at most {MAX_RUN_IMAGES} (one is enough)"
     try:
         settings = collect(main, tl, advanced)
     except FormError as e:
