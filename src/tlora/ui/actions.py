@@ -284,9 +284,9 @@ def progress(ws: Workspace, name: str) -> Tuple:
     import pandas as pd
     twin = twin_name(name) if name and NAME_OK(name) else None
     runs = ([name] if twin else []) + ([twin] if twin and NAME_OK(twin) and ws.run_dir(twin).is_dir() else [])
-    frames = [pd.DataFrame([(step, v, r) for r in runs if ws.run_dir(r).is_dir()
-                            for step, v in metrics(ws.run_dir(r)).get(c, [])], columns=["step", c, "run"])
-              for c in CHARTS]
+    logged = {r: metrics(ws.run_dir(r)) for r in runs if ws.run_dir(r).is_dir()}     # each run's events read once
+    frames = [pd.DataFrame([(step, v, r) for r, m in logged.items() for step, v in m.get(c, [])],
+                           columns=["step", c, "run"]) for c in CHARTS]
     if not runs:
         return ("no run selected", *frames, None, None)
     states = [state(ws.run_dir(r)) for r in runs]
