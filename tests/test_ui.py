@@ -510,6 +510,29 @@ def test_each_bad_field_is_named_and_nothing_is_written(tmp_path, upload):
     assert _tree(ws.root) == before
 
 
+def test_the_memory_estimate_is_the_forms_recipe_as_tlora_train_dry_run_gives_it(tmp_path, capsys):
+    import json
+    from tlora.cli import main as cli
+    from tlora.ui import actions as ui
+    form = ({"model": "sdxl-base", "batch_size": 32.0, "resolution": 1024.0}, {"rank": 64.0, "min_rank": 32.0})
+    for advanced in ({"device": '"cpu"'}, {"device": '"cpu"', "gradient_checkpointing": "true",
+                                           "base_precision": '"int8"', "optimizer": '"adamw8bit"'}):
+        text = ui.memory_text(*form, advanced)
+        settings = {**ui.collect(*form, advanced), "data_dir": str(tmp_path), "output_dir": str(tmp_path / "o")}
+        (tmp_path / "c.json").write_text(json.dumps(settings))
+        assert cli(["train", "--config", str(tmp_path / "c.json"), "--dry-run"]) == 0
+        peak = re.search(r"expected peak: ([\d.]+) GiB", capsys.readouterr().out).group(1)
+        have, where = ui.device_memory("cpu")
+        assert where == "RAM" and text.startswith(f"**{peak} GiB** expected peak (sdxl, 1024 px, batch 32, rank "
+                                                  f"64); this machine has {have:.1f} GiB (RAM): **")
+        if float(peak) <= have * 0.9:
+            assert text.endswith("**fits**")
+        else:                               # what to change: only what is not so already
+            todo = [] if "gradient_checkpointing" in advanced else \
+                ["gradient_checkpointing true", "base_precision int8"]
+            assert text.endswith(f"**does not fit: try {', '.join(todo + ['a smaller batch', 'a smaller rank'])}**")
+
+
 def test_the_schedule_plot_draws_r_of_t_with_room_above_it():
     import numpy as np
     from tlora.schedule import RankSchedule

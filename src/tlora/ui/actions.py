@@ -220,30 +220,40 @@ def family_text(model: str) -> str:
     return f"family: **{fam.name}** ({fam.denoiser_class}, {res} px)"
 
 
-def memory_text(model: str, rank: int, min_rank: int, variant: str, resolution, batch: int) -> str:
-    """The expected training peak (``tlora memory``) and whether it fits this machine, with what to change."""
+def memory_text(main: Dict, tl: Dict, advanced: Dict[str, str]) -> str:
+    """The expected training peak (``tlora memory``) of the form's recipe — its checkpointing, precisions, optimizer
+    — and whether it fits the chosen device, with what to change that is not already so."""
     from .. import memory
-    from ..config import TLoRAConfig
     from ..fileio import model_path
-    from ..quantize import BasePrecision
-    tl = TLoRAConfig(rank=int(rank), min_rank=int(min_rank), variant=variant, target_module=())
-    res = int(resolution) if resolution else local_resolution(model)
-    e = memory.estimate(memory.read_denoiser_config(model_path(model)), tl, res, int(batch), False, "no",
-                        BasePrecision("no").resolved(), "adamw")
-    have = _device_memory()
+    from ..trainconfig import TrainConfig
+    settings = collect(main, tl, advanced)
+    cfg = TrainConfig.from_dict({**settings, "data_dir": ".", "output_dir": "."}, "the form")
+    cfg.validate()
+    res = cfg.resolution or local_resolution(cfg.model)
+    e = memory.estimate(memory.read_denoiser_config(model_path(cfg.model)), cfg.tlora, res, cfg.batch_size,
+                        cfg.gradient_checkpointing, cfg.mixed_precision, cfg.base().resolved(), cfg.optimizer)
+    have, where = device_memory(cfg.device)
     need = e.total / 2**30
-    verdict = "fits" if need <= have * 0.9 else ("does not fit: try gradient_checkpointing, base_precision int8, "
-                                                "a smaller batch or rank")
-    return (f"**{need:.2f} GiB** expected peak ({e.family}, {e.resolution} px, batch {batch}, rank {rank}); this "
-            f"machine has {have:.1f} GiB: **{verdict}**")
+    changes = [c for c, applies in (("gradient_checkpointing true", not cfg.gradient_checkpointing),
+                                    ("base_precision int8", cfg.base_precision == "no"),
+                                    ("a smaller batch", cfg.batch_size > 1), ("a smaller rank", cfg.tlora.rank > 8))
+               if applies]
+    verdict = "fits" if need <= have * 0.9 else f"does not fit: try {', '.join(changes) or 'a smaller resolution'}"
+    return (f"**{need:.2f} GiB** expected peak ({e.family}, {e.resolution} px, batch {cfg.batch_size}, rank "
+            f"{cfg.tlora.rank}); this machine has {have:.1f} GiB ({where}): **{verdict}**")
 
 
-def _device_memory() -> float:
+def device_memory(device: Optional[str]) -> Tuple[float, str]:
+    """(GiB, what) of the device a run would use: the GPU's memory for ``cuda[:N]`` (or None, accelerate's choice,
+    with a GPU), else this machine's RAM."""
     import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            return torch.cuda.get_device_properties(index).total_memory / 2**30, f"cuda:{index}"
     import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "RAM"
 
 
 def preview(images, model: str, resolution) -> Tuple[List, str]:

@@ -104,10 +104,15 @@ def recipe_page():
                 t["variant"], json.dumps(t.get("target_module", []))
         preset.change(say(apply), preset, [model, steps, lr, batch, rank, min_rank, variant,
                                            advanced["tlora.target_module"]])
-        estimate.click(say(act.memory_text), [model, rank, min_rank, variant, resolution, batch], mem)
-    return dict(model=model, max_steps=steps, learning_rate=lr, batch_size=batch, resolution=resolution,
-                num_validation_images=val_images, validation_steps=val_steps), \
-        dict(rank=rank, min_rank=min_rank, exponent=exponent, variant=variant), advanced, plot
+    main = dict(model=model, max_steps=steps, learning_rate=lr, batch_size=batch, resolution=resolution,
+                num_validation_images=val_images, validation_steps=val_steps)
+    tl = dict(rank=rank, min_rank=min_rank, exponent=exponent, variant=variant)
+
+    def estimated(*values):
+        v = dict(zip([*main, *tl, *advanced], values))
+        return act.memory_text({k: v[k] for k in main}, {k: v[k] for k in tl}, {k: v[k] for k in advanced})
+    estimate.click(say(estimated), [*main.values(), *tl.values(), *advanced.values()], mem)
+    return main, tl, advanced, plot
 
 
 def train_page(ws: Workspace, files, kept, form):
