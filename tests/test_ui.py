@@ -63,6 +63,30 @@ def test_a_run_outlives_the_server_that_started_it_and_a_new_server_finds_it(tmp
     assert [st.name for st in ws.states()] == ["r1"]
 
 
+def test_a_run_whose_process_loads_its_model_reads_as_starting_and_a_zombie_is_not_alive(tmp_path, upload):
+    from tlora.train import pid_alive
+    ws = Workspace(tmp_path / "ws")
+    out = ws.run_dir("r")
+    out.mkdir()
+    (out / "train.log").write_text("tlora train: note: a note printed while the model loads\n")
+    loading = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    (out / ".ui-pid").write_text(str(loading.pid))
+    try:
+        s = state(out)
+        assert (s.status, s.pid) == ("starting", loading.pid) and ws.busy() == "r"
+        with pytest.raises(UsageError, match="run r is loading its model: stop it once it trains"):
+            ws.stop("r")
+        with pytest.raises(UsageError, match="run r is training: one training at a time"):
+            ws.start("other", TOY, ws.save_upload(upload))
+    finally:
+        loading.stdin.close()
+        _wait(lambda: not pid_alive(loading.pid), 30)      # exited, not reaped yet (a zombie): not alive
+    assert Path(f"/proc/{loading.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert state(out).status == "failed" and ws.busy() is None      # it exited and left no checkpoint
+    loading.wait()
+    assert not pid_alive(loading.pid) and pid_alive(os.getpid())
+
+
 def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path, upload):
     ws = Workspace(tmp_path / "ws")
     ws.start("r", {**TOY, "checkpointing_steps": 1000}, ws.save_upload(upload))

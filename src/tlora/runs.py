@@ -163,8 +163,9 @@ class Workspace:
             raise UsageError(f"run {name} exists: resume it, overwrite it (asked explicitly) or choose another name")
         if mode != "new" and not (out / "config.json").is_file():
             raise UsageError(f"run {name} has not been started here: nothing to {mode}")
-        cfg = json.loads((out / "config.json").read_text()) if mode != "new" else \
-            self._new_config(name, settings, self._uploads(images))
+        if mode == "new":
+            self._uploads(images)
+        cfg = json.loads((out / "config.json").read_text()) if mode != "new" else self._new_config(name, settings)
         checked = TrainConfig.from_dict(cfg, "the run's settings")
         checked.validate()                   # the rules between fields, templates, device: what `tlora train` checks
         flags = {"new": [], "resume": ["--resume", "latest"] if scan(out) else [], "overwrite": ["--overwrite"]}
@@ -204,7 +205,7 @@ class Workspace:
         for i, image in enumerate(self._uploads(images)):
             shutil.copyfile(image, data / f"image-{i + 1}.png")
 
-    def _new_config(self, name: str, settings: Dict, images: List[Path]) -> Dict:
+    def _new_config(self, name: str, settings: Dict) -> Dict:
         reserved = {"output_dir", "data_dir", "one_image", "resume", "overwrite"} & set(settings)
         if reserved:
             raise UsageError(f"{sorted(reserved)[0]} is set by the workspace, not by a setting")
