@@ -53,8 +53,8 @@ def image_page(ws: Workspace, kept):
                 except UsageError as e:
                     return [gr.validate(False, str(e))]
             return [gr.validate(True, "")]
-        files.upload(say(lambda paths: [str(ws.save_upload(p)) for p in paths or []]), files, kept, validator=check)
-        files.clear(lambda: [], None, kept)
+        # every change (an upload, a file removed, cleared) keeps exactly the files shown
+        files.change(say(lambda paths: [str(ws.save_upload(p)) for p in paths or []]), files, kept, validator=check)
         for box in (placeholder, class_name, template):
             box.change(act.prompt_text, [template, placeholder, class_name], prompt)
     return files, (shown, seen), (placeholder, class_name, template)
