@@ -112,7 +112,7 @@ def _tree(p: Path):
 @pytest.mark.parametrize("kind", ["not an image", "20000x20000 png", "dotdot name", "negative steps",
                                   "absurd rank", "bad run name", "reserved key", "foreign image path",
                                   "class images outside the workspace", "twin of a resumed run", "symlinked run",
-                                  "symlinked uploads", "too many images"])
+                                  "symlinked uploads", "too many images", "corrupted run config"])
 def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind):
     ws = Workspace(tmp_path / "ws")
     good = ws.save_upload(upload)
@@ -166,6 +166,14 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, upload, kind)
         with pytest.raises(UsageError, match="is a symlink: the workspace reads and writes only inside itself"):
             call()
         assert list(outside.iterdir()) == [] and _tree(ws.root) == before
+        return
+    elif kind == "corrupted run config":
+        (ws.root / "runs" / "r").mkdir()
+        (ws.root / "runs" / "r" / "config.json").write_text('{"model": "toyworld", ')
+        before = _tree(ws.root)
+        with pytest.raises(UsageError, match="run r's config .*config.json is not valid JSON"):
+            ws.start("r", {}, None, "resume")
+        assert _tree(ws.root) == before
         return
     elif kind == "too many images":
         image, says = [good] * 101, "101 images: a run here trains on at most 100"
@@ -404,7 +412,10 @@ def test_generate_is_seeded_masked_with_strength_and_saved_with_its_settings(fin
     assert len(saved) == 6
     for bad, kw, says in ((("done", "  ", 0, 3, 3.0), {}, "prompt is empty"),
                           (args, {"weights": "step 7"}, "no step 7"), (("done", "p", 0, 0, 3.0), {}, "steps must be"),
-                          (args, {"strength": 99.0}, "strength must")):
+                          (args, {"strength": 99.0}, "strength must"),
+                          (("done", "p", -1, 3, 3.0), {}, r"seed must be a whole number in \[0, 4294967295\], got -1"),
+                          (("done", "p", 0, 2.5, 3.0), {}, "steps must be a whole number"),
+                          (("done", "p", 0, 3, float("nan")), {}, "guidance must be a number in")):
         with pytest.raises(UsageError, match=says):
             ui.generate(finished, *bad, **kw)
     assert len(sorted((finished.root / "generated" / "done").glob("*.png"))) == 6          # nothing written

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import UsageError
-from .fileio import atomic_write, show, write_json
+from .fileio import atomic_write, read_mapping, show, write_json
 
 MAX_UPLOAD_BYTES = 50 * 2**20         # an image file larger than this is refused before it is decoded
 MAX_UPLOAD_PIXELS = 40_000_000        # 40 MP: more is no photograph one trains on here (and a decompression bomb)
@@ -165,7 +165,8 @@ class Workspace:
             raise UsageError(f"run {name} has not been started here: nothing to {mode}")
         if mode == "new":
             self._uploads(images)
-        cfg = json.loads((out / "config.json").read_text()) if mode != "new" else self._new_config(name, settings)
+        cfg = read_mapping(out / "config.json", f"run {name}'s config", UsageError) if mode != "new" else \
+            self._new_config(name, settings)
         checked = TrainConfig.from_dict(cfg, "the run's settings")
         checked.validate()                   # the rules between fields, templates, device: what `tlora train` checks
         flags = {"new": [], "resume": ["--resume", "latest"] if scan(out) else [], "overwrite": ["--overwrite"]}
@@ -173,7 +174,7 @@ class Workspace:
         waiting = self.folder("runs", twin_name(name), make=False) if NAME.fullmatch(twin_name(name)) else None
         if mode == "resume" and waiting is not None and state(waiting).status == "new" and \
                 (waiting / "config.json").is_file():
-            queue.append((waiting, json.loads((waiting / "config.json").read_text()), []))     # its twin still waits
+            queue.append((waiting, read_mapping(waiting / "config.json", "its LoRA twin's config", UsageError), []))
         if twin:
             other = self.run_dir(twin_name(name))
             if other.exists():
@@ -276,8 +277,7 @@ def state(out: Path) -> RunState:
     except (OSError, ValueError):
         pass
     pid = RunLock.holder(out)
-    log = out / "train.log"
-    tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
+    tail = _tail(out / "train.log")
     samples = sorted((out / "samples").glob("step-*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)) \
         if (out / "samples").is_dir() else []
     steps = [f.step for f in scan(out)] if out.is_dir() else []
@@ -305,6 +305,16 @@ def _started(out: Path) -> Optional[int]:
     except (OSError, ValueError):
         return None
     return pid if pid_alive(pid) else None
+
+
+def _tail(log: Path, size: int = 4000) -> str:
+    """The last ``size`` bytes of a log (the rest is never read: a log may be large)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _logged_step(tail: str, default: int) -> int:

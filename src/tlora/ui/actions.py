@@ -366,9 +366,17 @@ def _pipeline(model: str):
     return _PIPES.get(model) or _PIPES.setdefault(model, load_pipeline(model))
 
 
+def _config_of(ws: Workspace, name: str) -> Dict:
+    from ..fileio import read_mapping
+    return read_mapping(ws.run_dir(name) / "config.json", f"run {name}'s config", UsageError)
+
+
 def _model_of(ws: Workspace, name: str) -> str:
     from ..fileio import model_path
-    return model_path(json.loads((ws.run_dir(name) / "config.json").read_text())["model"])
+    model = _config_of(ws, name).get("model")
+    if not isinstance(model, str):
+        raise UsageError(f"run {name}'s config names no model")
+    return model_path(model)
 
 
 def _sample(pipe, weights: Path, prompt: str, seed: int, steps: int, guidance: float, mask: bool, strength: float):
@@ -381,13 +389,16 @@ def _sample(pipe, weights: Path, prompt: str, seed: int, steps: int, guidance: f
                     generator=torch.Generator().manual_seed(int(seed))).images[0]
 
 
-def _check_sampling(steps, guidance, strength) -> None:
-    if not (1 <= int(steps) <= 1000):
-        raise UsageError(f"steps must be 1–1000, got {steps}")
-    if not (0 <= float(guidance) <= 50):
-        raise UsageError(f"guidance must be 0–50, got {guidance}")
-    if not (-4 <= float(strength) <= 4):
-        raise UsageError(f"strength must be between -4 and 4, got {strength}")
+def _check_sampling(seed, steps, guidance, strength) -> None:
+    """Each sampling number in its range (a whole number where one is meant); UsageError naming it otherwise."""
+    for name, v, lo, hi, whole in (("seed", seed, 0, 2**32 - 1, True), ("steps", steps, 1, 1000, True),
+                                   ("guidance", guidance, 0, 50, False), ("strength", strength, -4, 4, False)):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not lo <= x <= hi or (whole and not x.is_integer()):
+            raise UsageError(f"{name} must be {'a whole number' if whole else 'a number'} in [{lo}, {hi}], got {v!r}")
 
 
 def _save(ws: Workspace, name: str, image, settings: Dict, kind: str) -> Path:
@@ -410,7 +421,7 @@ def generate(ws: Workspace, name: str, prompt: str, seed: int, steps: int, guida
                          if name and NAME_OK(name) else f"run name {name!r}: choose a run")
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty")
-    _check_sampling(steps, guidance, strength)
+    _check_sampling(seed, steps, guidance, strength)
     image = _sample(_pipeline(_model_of(ws, name)), choices[weights], prompt, seed, steps, guidance, mask, strength)
     k = max(1, -(-256 // max(image.size)))
     if k > 1:
@@ -435,7 +446,7 @@ def compare(ws: Workspace, name: str, prompts: str, labels: List[str], seed: int
         raise UsageError(f"weights {missing[0]}: choose among {', '.join(choices) or 'none yet (train first)'}")
     if not masks:
         raise UsageError("choose mask on, mask off or both")
-    _check_sampling(steps, guidance, strength)
+    _check_sampling(seed, steps, guidance, strength)
     if len(rows) * len(labels) * len(masks) > 64:
         raise UsageError(f"{len(rows)} prompts × {len(labels) * len(masks)} columns: at most 64 images per grid")
     pipe = _pipeline(_model_of(ws, name))
@@ -475,7 +486,7 @@ def export(ws: Workspace, name: str, fmt: str) -> Path:
         raise UsageError(f"run {name} has no final weights yet ({s.status})")
     out = ws.folder("exports", name)
     if fmt == "comfyui workflow":
-        cfg = json.loads((ws.run_dir(name) / "config.json").read_text())
+        cfg = _config_of(ws, name)
         prompt = f"a photo of {cfg.get('placeholder', 'sks')} {cfg.get('class_name', '')}".strip()
         path = out / f"{name}-workflow-api.json"
         write_json(comfyui_workflow(f"{name}.safetensors", prompt), path)
