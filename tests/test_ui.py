@@ -198,6 +198,20 @@ def test_a_non_local_host_needs_auth(capsys):
     assert not Path("/nonexistent/ws").exists()
 
 
+def test_a_port_another_server_has_is_one_line_exit_2(tmp_path, capsys):
+    import socket
+    from tlora.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tlora ui: error: --port {port} on 127.0.0.1 cannot be used (Address already in use): another server has "
+        "it, or it needs privileges; choose another --port"]
+    assert not (tmp_path / "ws").exists()                       # nothing written
+
+
 # -- the whole flow in a real browser ---------------------------------------------------------------------------------
 def _browser():
     """Playwright's sync API and Debian's chromium, or the test skips (fails where $TLORA_REQUIRE_BROWSER is set:

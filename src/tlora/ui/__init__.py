@@ -43,9 +43,22 @@ def check_host(host: str, auth: Optional[str]) -> Optional[tuple]:
     return user, password
 
 
+def check_port(host: str, port: int) -> None:
+    """``port`` on ``host`` can be listened on now (not taken by another server, not a privileged port)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"--port {port} on {host} cannot be used ({e.strerror or e}): another server has it, "
+                             "or it needs privileges; choose another --port") from None
+
+
 def serve(workspace, host: str = "127.0.0.1", port: int = 7860, auth: Optional[str] = None) -> None:
     """Serve the app until interrupted; the workspace's runs keep training when it stops."""
     credentials = check_host(host, auth)
+    check_port(host, port)
     app = build_app(workspace)
     app.launch(server_name=host, server_port=port, auth=credentials, inbrowser=False, share=False,
                allowed_paths=[str(app.workspace.root)])
