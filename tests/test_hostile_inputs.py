@@ -628,6 +628,12 @@ NEW_CASES = {
     "push a repo id without owner": (["push", "{in}", "x", "--dry-run"], {"tlora.safetensors": copy_of("w.safetensors")},
                                      "needs its owner"),
     "push a file as the run": (["push", "{w}", "me/x", "--dry-run"], {}, "no tlora.safetensors"),
+    # -- tlora ui: refused before a server starts or a workspace is made ---------------------------------------------
+    "ui on a non-local host without auth": (["ui", "--host", "0.0.0.0", "--workspace", "{out}"], {}, "--auth"),
+    "ui auth without a password": (["ui", "--auth", "me", "--workspace", "{out}"], {}, "USER:PASSWORD"),
+    "ui port 0": (["ui", "--port", "0", "--workspace", "{out}"], {}, "[1, 65535]"),
+    "ui port 70000": (["ui", "--port", "70000", "--workspace", "{out}"], {}, "[1, 65535]"),
+    "ui workspace is a file": (["ui", "--workspace", "{w}"], {}, "--workspace"),
     # -- output = input --------------------------------------------------------------------------------------------
     "convert onto itself (tlora)": (["convert", "{in}/w.safetensors", "{in}/w.safetensors", "--to", "tlora"],
                                     {"w.safetensors": copy_of("w.safetensors")}, "is the input"),
@@ -891,8 +897,14 @@ def snapshot(p: Path):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsys, name):
+def test_hostile_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsys, monkeypatch, name):
     argv, files, says = CASES[name]
+    if argv[0] == "ui":                 # a case that got through would serve forever: make that a failure instead
+        import gradio
+
+        def launched(*a, **k):
+            raise AssertionError("tlora ui started a server: the input was not refused")
+        monkeypatch.setattr(gradio.Blocks, "launch", launched)
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     subs = {"model": str(world / "model"), "data": str(world / "data"), "w": str(world / "w.safetensors"),
