@@ -87,21 +87,24 @@ def test_a_run_whose_process_loads_its_model_reads_as_starting_and_a_zombie_is_n
     assert not pid_alive(loading.pid) and pid_alive(os.getpid())
 
 
-def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path, upload):
+def test_stop_keeps_a_checkpoint_and_resume_finishes_and_queues_its_twin_again(tmp_path, upload):
     ws = Workspace(tmp_path / "ws")
-    ws.start("r", {**TOY, "checkpointing_steps": 1000}, ws.save_upload(upload))
+    ws.start("r", {**TOY, "checkpointing_steps": 1000, "num_validation_images": 0}, ws.save_upload(upload), twin=True)
     _wait(lambda: state(ws.run_dir("r")).status == "running" and state(ws.run_dir("r")).step >= 5, 90)
     from tlora.ui.actions import progress
-    assert re.fullmatch(r"r: running, step \d+ of 80 — about \d+ s left", progress(ws, "r")[0])   # the ETA
+    assert re.fullmatch(r"r: running, step \d+ of 80 — about \d+ s left; LoRA twin r-lora: waiting, step 0 of 80",
+                        progress(ws, "r")[0])                                  # the ETA, and the twin behind it
     with pytest.raises(UsageError, match="one training at a time"):             # starting twice
         ws.start("other", TOY, ws.save_upload(upload))
     assert not ws.run_dir("other").exists()
     ws.stop("r")
     s = _wait(lambda: (lambda s: s if s.status == "stopped" else None)(state(ws.run_dir("r"))), 90)
     assert (ws.run_dir("r") / f"checkpoint-{s.step}").is_dir() and "SIGINT" in s.log_tail
-    ws.start("r", {}, None, "resume")
-    s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r"))), 240)
-    assert s.step == 80
+    _wait(lambda: state(ws.run_dir("r-lora")).status == "new", 30)           # the queue ended: the twin waits
+    assert not (ws.run_dir("r-lora") / "train.log").exists() and ws.busy() is None
+    ws.start("r", {}, None, "resume")                                           # … and is queued again
+    s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r-lora"))), 240)
+    assert s.step == 80 and state(ws.run_dir("r")).status == "finished" and state(ws.run_dir("r")).step == 80
 
 
 # -- bad input: one clear message, nothing written ------------------------------------------------------------------
@@ -371,6 +374,10 @@ def finished(tmp_path_factory):
     ws.start("done", {**TOY, "max_steps": 20, "checkpointing_steps": 10, "validation_steps": 10,
                       "eval_clip_model": str(root / "clip"), "eval_dino_model": str(root / "dino"),
                       "best_metric": "IS+TS"}, [ws.save_upload(root / "star.png")], twin=True)
+    twin = state(ws.run_dir("done-lora"))                   # behind its run, on the queue process: busy meanwhile
+    assert twin.status == "waiting" and ws.busy() == "done", twin
+    with pytest.raises(UsageError, match="run done-lora waits for the run before it"):
+        ws.stop("done-lora")
     _wait(lambda: state(ws.run_dir("done-lora")).status in ("finished", "failed"), 300)
     assert state(ws.run_dir("done")).status == "finished", state(ws.run_dir("done")).log_tail
     assert state(ws.run_dir("done-lora")).status == "finished", state(ws.run_dir("done-lora")).log_tail

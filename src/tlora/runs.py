@@ -75,7 +75,7 @@ def check_upload(src):
 class RunState:
     """What a run's folder says now."""
     name: str
-    status: str                   # new (a LoRA twin waiting) | starting | running | stopped | finished | failed
+    status: str                   # new | waiting (a twin behind its run) | starting | running | stopped | finished | failed
     step: int = 0                 # the last checkpoint's or the final step
     max_steps: Optional[int] = None
     pid: Optional[int] = None
@@ -128,7 +128,7 @@ class Workspace:
 
     def busy(self) -> Optional[str]:
         """The run training now (one training per machine at a time), or None."""
-        return next((s.name for s in self.states() if s.status in ("starting", "running")), None)
+        return next((s.name for s in self.states() if s.status in ("waiting", "starting", "running")), None)
 
     def start(self, name: str, settings: Dict, images=None, mode: str = "new", twin: bool = False) -> int:
         """Start ``tlora train`` for run ``name`` in its own session; returns its pid. ``settings``: TrainConfig
@@ -144,8 +144,11 @@ class Workspace:
                 write_json(cfg, out / "config.json")
         if len(queue) == 1:
             return _spawn(_train_command(queue[0][0], queue[0][2]), queue[0][0]).pid
-        return _spawn([sys.executable, "-m", "tlora.runs", json.dumps([[str(d), f] for d, _, f in queue])],
-                      queue[0][0]).pid
+        pid = _spawn([sys.executable, "-m", "tlora.runs", json.dumps([[str(d), f] for d, _, f in queue])],
+                     queue[0][0]).pid
+        for out, _, _ in queue[1:]:         # the runs behind it wait on the queue process (the workspace stays busy)
+            atomic_write(out / PID_FILE, lambda tmp: Path(tmp).write_text(str(pid)))
+        return pid
 
     def plan(self, name: str, settings: Dict, images=None, mode: str = "new", twin: bool = False) -> List:
         """What :meth:`start` would train, checked and nothing written: ``[(run folder, config, flags)]`` (the run,
@@ -222,6 +225,9 @@ class Workspace:
         s = state(self.run_dir(name))
         if s.status == "starting":
             raise UsageError(f"run {name} is loading its model: stop it once it trains")
+        if s.status == "waiting":
+            raise UsageError(f"run {name} waits for the run before it: stop that one (this one then waits; "
+                             "resume that run to queue it again)")
         if s.status != "running":
             raise UsageError(f"run {name} is not training ({s.status})")
         os.kill(s.pid, signal.SIGINT)
@@ -286,8 +292,8 @@ def state(out: Path) -> RunState:
     if pid is not None:
         s.status, s.pid = "running", pid
         s.step = _logged_step(tail, s.step)
-    elif _started(out) is not None:
-        s.status, s.pid = "starting", _started(out)
+    elif _started(out) is not None:      # its process loads the model, or (no log yet) it waits in a queue
+        s.status, s.pid = "starting" if (out / "train.log").is_file() else "waiting", _started(out)
     elif final.is_file():
         s.status, s.final, s.step = "finished", final, cfg.get("max_steps", s.step)
     elif steps:
