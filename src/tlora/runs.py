@@ -75,7 +75,7 @@ def check_upload(src):
 class RunState:
     """What a run's folder says now."""
     name: str
-    status: str                   # new | waiting (a twin behind its run) | starting | running | stopped | finished | failed
+    status: str                   # new | waiting (behind its run) | starting | running | stopped | finished | failed
     step: int = 0                 # the last checkpoint's or the final step
     max_steps: Optional[int] = None
     pid: Optional[int] = None
