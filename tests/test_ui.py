@@ -49,7 +49,8 @@ def test_a_run_outlives_the_server_that_started_it_and_a_new_server_finds_it(tmp
             "up = ws.save_upload(sys.argv[2]); print(ws.start('r1', json.loads(sys.argv[3]), up), flush=True); "
             "time.sleep(600)")
     import json
-    server = subprocess.Popen([sys.executable, "-c", code, str(root), str(upload), json.dumps(TOY)],
+    short = {**TOY, "max_steps": 40, "checkpointing_steps": 20, "validation_steps": 20}
+    server = subprocess.Popen([sys.executable, "-c", code, str(root), str(upload), json.dumps(short)],
                               stdout=subprocess.PIPE, text=True)
     pid = int(server.stdout.readline())
     server.kill()                       # the UI server dies (SIGKILL: nothing of it runs on)
@@ -59,7 +60,7 @@ def test_a_run_outlives_the_server_that_started_it_and_a_new_server_finds_it(tmp
     assert _wait(lambda: state(ws.run_dir("r1")).status == "running", 60)
     assert state(ws.run_dir("r1")).pid == pid
     s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r1"))), 240)
-    assert s.step == 80 and s.final.is_file() and [p.name for p in s.samples] == ["step-40.png", "step-80.png"]
+    assert s.step == 40 and s.final.is_file() and [p.name for p in s.samples] == ["step-20.png", "step-40.png"]
     assert [st.name for st in ws.states()] == ["r1"]
 
 
@@ -89,10 +90,11 @@ def test_a_run_whose_process_loads_its_model_reads_as_starting_and_a_zombie_is_n
 
 def test_stop_keeps_a_checkpoint_and_resume_finishes_and_queues_its_twin_again(tmp_path, upload):
     ws = Workspace(tmp_path / "ws")
-    ws.start("r", {**TOY, "checkpointing_steps": 1000, "num_validation_images": 0}, ws.save_upload(upload), twin=True)
+    ws.start("r", {**TOY, "max_steps": 60, "checkpointing_steps": 1000, "num_validation_images": 0},
+             ws.save_upload(upload), twin=True)
     _wait(lambda: state(ws.run_dir("r")).status == "running" and state(ws.run_dir("r")).step >= 5, 90)
     from tlora.ui.actions import progress
-    assert re.fullmatch(r"r: running, step \d+ of 80 — about \d+ s left; LoRA twin r-lora: waiting, step 0 of 80",
+    assert re.fullmatch(r"r: running, step \d+ of 60 — about \d+ s left; LoRA twin r-lora: waiting, step 0 of 60",
                         progress(ws, "r")[0])                                  # the ETA, and the twin behind it
     with pytest.raises(UsageError, match="one training at a time"):             # starting twice
         ws.start("other", TOY, ws.save_upload(upload))
@@ -104,7 +106,7 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes_and_queues_its_twin_again(t
     assert not (ws.run_dir("r-lora") / "train.log").exists() and ws.busy() is None
     ws.start("r", {}, None, "resume")                                           # … and is queued again
     s = _wait(lambda: (lambda s: s if s.status == "finished" else None)(state(ws.run_dir("r-lora"))), 240)
-    assert s.step == 80 and state(ws.run_dir("r")).status == "finished" and state(ws.run_dir("r")).step == 80
+    assert s.step == 60 and state(ws.run_dir("r")).status == "finished" and state(ws.run_dir("r")).step == 60
 
 
 # -- bad input: one clear message, nothing written ------------------------------------------------------------------
