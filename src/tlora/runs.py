@@ -153,7 +153,7 @@ class Workspace:
     def plan(self, name: str, settings: Dict, images=None, mode: str = "new", twin: bool = False) -> List:
         """What :meth:`start` would train, checked and nothing written: ``[(run folder, config, flags)]`` (the run,
         then its twin); UsageError (SettingError naming the setting) otherwise."""
-        from .checkpoint import scan
+        from .checkpoint import list_checkpoints
         from .trainconfig import TrainConfig
         if mode not in ("new", "resume", "overwrite"):
             raise UsageError(f"mode {mode!r}: new, resume or overwrite")
@@ -167,12 +167,13 @@ class Workspace:
         if mode != "new" and not (out / "config.json").is_file():
             raise UsageError(f"run {name} has not been started here: nothing to {mode}")
         if mode == "new":
-            self._uploads(images)
+            self.check_uploads(images)
         cfg = read_mapping(out / "config.json", f"run {name}'s config", UsageError) if mode != "new" else \
             self._new_config(name, settings)
         checked = TrainConfig.from_dict(cfg, "the run's settings")
         checked.validate()                   # the rules between fields, templates, device: what `tlora train` checks
-        flags = {"new": [], "resume": ["--resume", "latest"] if scan(out) else [], "overwrite": ["--overwrite"]}
+        flags = {"new": [], "resume": ["--resume", "latest"] if list_checkpoints(out) else [],
+                 "overwrite": ["--overwrite"]}
         queue = [(out, cfg, flags[mode])]
         waiting = self.folder("runs", twin_name(name), make=False) if NAME.fullmatch(twin_name(name)) else None
         if mode == "resume" and waiting is not None and state(waiting).status == "new" and \
@@ -186,7 +187,7 @@ class Workspace:
             TrainConfig.from_dict(queue[1][1], "the LoRA twin's settings").validate()
         return queue
 
-    def _uploads(self, images) -> List[Path]:
+    def check_uploads(self, images) -> List[Path]:
         """The uploads a new run trains on (paths of this workspace's ``uploads/``), checked."""
         if isinstance(images, (str, Path)):
             images = [images]
@@ -206,7 +207,7 @@ class Workspace:
         data = self.folder("data", Path(cfg["data_dir"]).name)
         for old in data.glob("image-*.png"):
             old.unlink()
-        for i, image in enumerate(self._uploads(images)):
+        for i, image in enumerate(self.check_uploads(images)):
             shutil.copyfile(image, data / f"image-{i + 1}.png")
 
     def _new_config(self, name: str, settings: Dict) -> Dict:
@@ -274,7 +275,7 @@ def run_queue(queue: List[List]) -> int:
 
 def state(out: Path) -> RunState:
     """Read a run folder: its lock (a live pid: running), final weights, checkpoints, samples and log."""
-    from .checkpoint import scan
+    from .checkpoint import CKPT_RE, list_checkpoints
     from .train import RunLock
     name = out.name
     cfg = {}
@@ -286,7 +287,7 @@ def state(out: Path) -> RunState:
     tail = _tail(out / "train.log")
     samples = sorted((out / "samples").glob("step-*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)) \
         if (out / "samples").is_dir() else []
-    steps = [f.step for f in scan(out)] if out.is_dir() else []
+    steps = [int(CKPT_RE.match(p.name).group(1)) for p in list_checkpoints(out)]   # names only: no file is read
     final = out / "tlora.safetensors"
     s = RunState(name, "new", max(steps, default=0), cfg.get("max_steps"), None, None, samples, tail)
     if pid is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import UsageError
-from ..runs import MAX_RUN_IMAGES, NAME, Workspace, check_name, metrics, state, twin_name
+from ..runs import NAME, Workspace, check_name, metrics, state, twin_name
 
 NAME_OK = NAME.fullmatch
 
@@ -102,10 +102,14 @@ def field_problem(key: str, value) -> str:
             return str(e)
         return ""
     short = key.split(".", 1)[-1]
-    main, tl, advanced = ({key: value}, {}, {}) if key in MAIN else ({}, {short: value}, {}) \
-        if key.startswith("tlora.") and short in MAIN_TLORA else ({}, {}, {key: value})
+    if key in MAIN:
+        form = ({key: value}, {}, {})
+    elif key.startswith("tlora.") and short in MAIN_TLORA:
+        form = ({}, {short: value}, {})
+    else:
+        form = ({}, {}, {key: value})                 # an advanced field: text, parsed as --set parses it
     try:
-        collect(main, tl, advanced)
+        collect(*form)
     except FormError as e:
         return e.problems.get(key, "")
     return ""
@@ -121,10 +125,10 @@ def form_problems(ws: Workspace, name: str, images, main: Dict, tl: Dict, advanc
         check_name(name)
     except UsageError as e:
         problems["name"] = str(e)
-    if not images:
-        problems["images"] = "no image: upload the image to train on (page 1)"
-    elif len(images) > MAX_RUN_IMAGES:
-        problems["images"] = f"{len(images)} images: a run here trains on at most {MAX_RUN_IMAGES} (one is enough)"
+    try:
+        ws.check_uploads(images)
+    except UsageError as e:
+        problems["images"] = str(e)
     try:
         settings = collect(main, tl, advanced)
     except FormError as e:
@@ -256,6 +260,14 @@ def device_memory(device: Optional[str]) -> Tuple[float, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "RAM"
 
 
+def enlarged(image, at_least: int = 256):
+    """A small image (the toy world's 32 px) enlarged by a whole factor to at least ``at_least`` px, nearest
+    neighbour (sharp, every pixel kept); a large one as it is."""
+    from PIL import Image
+    k = max(1, -(-at_least // max(image.size)))
+    return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST) if k > 1 else image
+
+
 def preview(images, model: str, resolution) -> Tuple[List, str]:
     """Each upload as training sees it (the centred square at the model's resolution; a small image enlarged to be
     seen, nearest neighbour) and a line saying at what size."""
@@ -269,9 +281,7 @@ def preview(images, model: str, resolution) -> Tuple[List, str]:
     out = []
     for path in images:
         with Image.open(path) as im:
-            sq = square(to_rgb(im), res)
-        k = max(1, -(-256 // res))
-        out.append(sq.resize((res * k, res * k), Image.Resampling.NEAREST) if k > 1 else sq)
+            out.append(enlarged(square(to_rgb(im), res)))
     return out, f"{len(out)} image{'s' * (len(out) != 1)} at {res}×{res} px, as training sees them"
 
 
@@ -299,10 +309,10 @@ def progress(ws: Workspace, name: str) -> Tuple:
                            columns=["step", c, "run"]) for c in CHARTS]
     if not runs:
         return ("no run selected", *frames, None, None)
-    states = [state(ws.run_dir(r)) for r in runs]
-    s = states[0]
     if not ws.run_dir(name).is_dir():
         return (f"{name}: not started yet", *frames, None, None)
+    states = [state(ws.run_dir(r)) for r in runs]
+    s = states[0]
     line = f"{name}: {s.status}, step {s.step} of {s.max_steps or '?'}" + _eta(s)
     if s.status == "failed":
         line += f" — {s.log_tail.strip().splitlines()[-1] if s.log_tail.strip() else ''}"
@@ -346,9 +356,9 @@ def weight_choices(ws: Workspace, name: str) -> Dict[str, Path]:
     twin's final weights when it has them."""
     if not name or not NAME_OK(name) or not ws.run_dir(name).is_dir():
         return {}
-    from ..checkpoint import list_checkpoints
+    from ..checkpoint import CKPT_RE, list_checkpoints
     out = ws.run_dir(name)
-    found = {f"step {int(p.name.split('-')[1])}": p / "tlora.safetensors" for p in list_checkpoints(out)}
+    found = {f"step {int(CKPT_RE.match(p.name).group(1))}": p / "tlora.safetensors" for p in list_checkpoints(out)}
     for label, path in (("best", out / "tlora-best.safetensors"), ("final", out / "tlora.safetensors")):
         if path.is_file():
             found[label] = path
@@ -414,7 +424,6 @@ def generate(ws: Workspace, name: str, prompt: str, seed: int, steps: int, guida
              strength: float = 1.0, weights: str = "final") -> Path:
     """One image of run ``name``'s ``weights`` (a label of :func:`weight_choices`) through ``tlora.attach``, saved
     with its settings (:func:`_save`); a small image is enlarged to at least 256 px (nearest: sharp)."""
-    from PIL import Image
     choices = weight_choices(ws, name)
     if weights not in choices:
         raise UsageError(f"run {name} has no {weights} weights yet ({state(ws.run_dir(name)).status})"
@@ -423,10 +432,7 @@ def generate(ws: Workspace, name: str, prompt: str, seed: int, steps: int, guida
         raise UsageError("the prompt is empty")
     _check_sampling(seed, steps, guidance, strength)
     image = _sample(_pipeline(_model_of(ws, name)), choices[weights], prompt, seed, steps, guidance, mask, strength)
-    k = max(1, -(-256 // max(image.size)))
-    if k > 1:
-        image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
-    return _save(ws, name, image, {"run": name, "weights": weights, "prompt": prompt, "seed": int(seed),
+    return _save(ws, name, enlarged(image), {"run": name, "weights": weights, "prompt": prompt, "seed": int(seed),
                                    "steps": int(steps), "guidance": float(guidance), "mask": bool(mask),
                                    "strength": float(strength)}, "image")
 

@@ -165,8 +165,8 @@ def train_page(ws: Workspace, files, kept, form):
     start.click(say(begin), inputs, status).failure(lambda *values: None, inputs, None, validator=mark)
     for key, box in zip(keys, marked):
         if key not in ("overwrite", "twin", "images"):       # each field checked as it changes (marks cleared too)
-            box.change(lambda v: None, box, None, validator=lambda v, k=key: [gr.validate(
-                not act.field_problem(k, v), act.field_problem(k, v))], queue=False)
+            box.change(lambda v: None, box, None, validator=lambda v, k=key: [
+                (lambda problem: gr.validate(not problem, problem))(act.field_problem(k, v))], queue=False)
     stop.click(say(lambda run: f"stopping **{run}**: it saves a checkpoint (process {ws.stop(run)})"), name, status)
     resume.click(say(lambda run: f"resumed **{run}** (process {ws.start(run, {}, None, 'resume')})"), name, status)
 
