@@ -312,10 +312,17 @@ def test_the_whole_flow_in_a_real_browser(tmp_path, upload):
             page.get_by_role("tab", name="3 · Train").click()
             status(page, "(running|finished)")
             page.get_by_role("button", name="stop").click()
-            status(page, "stopped")
+            status(page, r"stopped, step \d+ of 300")
+            loss = page.locator("g.mark-line path").first                              # vega's line of the loss
+            expect(loss).to_have_attribute("d", re.compile(r"^M[^M]*L"), timeout=30_000)   # drawn, 2+ points
+            stopped_at = int(re.search(r"star: stopped, step (\d+)", page.content()).group(1))
+            drawn = loss.get_attribute("d")
             page.get_by_role("button", name="resume").click()
             status(page, "finished, step 300 of 300")
             expect(page.locator("img[src*='step-300']")).to_be_visible(timeout=30_000)
+            page.wait_for_function("([el, d]) => el.getAttribute('d') !== d", arg=[loss.element_handle(), drawn],
+                                   timeout=30_000)                                  # the chart went on updating
+            assert 0 < stopped_at < 300 and loss.get_attribute("d").count("L") > drawn.count("L")
             _shot(page, "3-train")
             page.get_by_role("tab", name="4 · Generate").click()                        # 4. generate
             box = page.get_by_label("steps", exact=True)
