@@ -417,12 +417,14 @@ def test_permissions_are_bad_input_exit_2(world, tmp_path):
         secret = root / "secret.json"
         secret.write_text("{}")
         secret.chmod(0o000)
-        for config, says in ((secret, "Permission denied"), (c, "Permission denied")):
-            r = subprocess.run([sys.executable, "-c", DROP_AND_RUN, "train", "--config", str(config)],
-                               capture_output=True, text=True, cwd=root)
-            err = [ln for ln in r.stderr.splitlines() if ln.startswith("tlora")]
-            assert r.returncode == 2 and len(err) == 1 and says in err[0] and "Traceback" not in r.stderr, \
-                r.stderr[-800:]
+        runs = [(subprocess.Popen([sys.executable, "-c", DROP_AND_RUN, "train", "--config", str(config)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root), says)
+                for config, says in ((secret, "Permission denied"), (c, "Permission denied"))]   # side by side
+        for proc, says in runs:
+            _, stderr = proc.communicate(timeout=300)
+            err = [ln for ln in stderr.splitlines() if ln.startswith("tlora")]
+            assert proc.returncode == 2 and len(err) == 1 and says in err[0] and "Traceback" not in stderr, \
+                stderr[-800:]
         assert not (root / "o").exists()
     finally:
         (root / "data").chmod(0o755)
